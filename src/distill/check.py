@@ -1,0 +1,53 @@
+"""One-batch dry run of a recipe: every tap's shape, the adapters it adds, each term's value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distill.errors import DistillError
+from distill.objective import Distiller, DryRunReport
+from distill.pipeline import build_model, mixup_transform, prepare_data, terms_from, train_loader
+from distill.recipes.schema import Recipe
+
+
+@dataclass
+class CheckReport:
+    stages: dict[str, DryRunReport] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{name}: {p}" for name, r in self.stages.items() for p in r.problems]
+
+
+def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> CheckReport:
+    """Build data, teacher and student of ``recipe`` and dry-run the baseline and distill stages.
+
+    The teacher is untrained unless the recipe gives its weights: shapes and gradients are what is
+    checked, not accuracy.
+    """
+    prepared = prepare_data(recipe, data_dir)
+    seed = recipe.seeds[0]
+    teacher = build_model(recipe.teacher, prepared.data, seed)
+    report = CheckReport()
+    for name, stage, teacher_arg in (("baseline", recipe.baseline, None), ("distill", recipe.distill, teacher)):
+        if not stage.enabled:
+            continue
+        student = build_model(recipe.student, prepared.data, seed)
+        distiller = Distiller(student, teacher_arg, terms_from(stage))
+        spec = stage.train or recipe.train
+        batch = next(iter(train_loader(recipe, prepared, spec.batch_size, seed)))
+        if stage.mixup_alpha:
+            batch = mixup_transform(stage.mixup_alpha)(batch, torch.Generator().manual_seed(0))
+        result = distiller.dry_run(batch)
+        s_logits = result.student_taps.get("logits")
+        t_logits = result.teacher_taps.get("logits")
+        if s_logits and t_logits and s_logits[-1] != t_logits[-1]:
+            raise DistillError(
+                f"teacher predicts {t_logits[-1]} classes but the student {s_logits[-1]}; "
+                "they must share the label space"
+            )
+        report.stages[name] = result
+    return report

@@ -1,0 +1,56 @@
+"""The in-memory shapes every data set is delivered in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ArrayDataset:
+    """Samples held as tensors.
+
+    ``inputs``: ``[N, ...]``; ``uint8`` for images (``[N, C, H, W]``, scaled to [0, 1] and
+    normalised by the batch loader) or ``float32`` for vectors and sequences.
+    ``targets``: ``[N]`` ``int64`` class indices.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.targets):
+            raise ValueError(
+                f"inputs and targets differ in length: {len(self.inputs)} vs {len(self.targets)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, index: torch.Tensor) -> "ArrayDataset":
+        return ArrayDataset(self.inputs[index], self.targets[index])
+
+
+@dataclass
+class DataSplits:
+    """A data set ready for training: train and test splits plus what models need to know.
+
+    ``input_shape`` excludes the batch dimension (``(1, 28, 28)``, ``(40,)``).
+    ``mean`` / ``std`` are per-channel statistics applied after scaling ``uint8`` images to
+    [0, 1]; ``None`` means inputs are used as they are.
+    """
+
+    name: str
+    train: ArrayDataset
+    test: ArrayDataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    class_names: list[str] | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3

@@ -1,0 +1,55 @@
+"""Per-epoch metrics: a CSV file always, TensorBoard when it is installed."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from distill.checkpoints import atomic_write
+
+
+class MetricsLog:
+    """Rows of ``{column: value}``, one per epoch, rewritten to ``path`` after each row."""
+
+    def __init__(self, path: str | Path | None, tensorboard_dir: str | Path | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.rows: list[dict[str, float]] = []
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb = None  # optional: pip install 'distill[tensorboard]'
+            else:
+                self._tb = SummaryWriter(str(tensorboard_dir))
+
+    def restore(self, rows: list[dict[str, float]]) -> None:
+        self.rows = [dict(r) for r in rows]
+
+    def append(self, row: dict[str, float]) -> None:
+        self.rows.append(dict(row))
+        if self.path is not None:
+            columns = list(dict.fromkeys(k for r in self.rows for k in r))
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+            data = buffer.getvalue().encode()
+            atomic_write(self.path, lambda f: f.write(data))
+        if self._tb is not None:
+            step = int(row.get("epoch", len(self.rows)))
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a metrics CSV, values as floats (empty cells dropped)."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]

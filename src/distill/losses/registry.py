@@ -1,0 +1,70 @@
+"""Losses by name.
+
+Every loss is a pure function of tensors with a documented reduction. The registry records what
+each loss reads, so the objective can feed it without knowing the method:
+
+- ``inputs=("student", "teacher")``: a student tensor and the teacher tensor it should match;
+- ``inputs=("student", "labels")``: a student tensor and the ground-truth labels;
+- ``adapts=True``: the student tensor goes through a trainable adapter to the teacher's shape first.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from distill.errors import DistillError
+from distill.registry import Registry
+
+INPUT_KINDS = ("student", "teacher", "labels", "index")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: the function, what it reads, and whether it needs an adapter."""
+
+    name: str
+    fn: Callable
+    inputs: tuple[str, ...]
+    adapts: bool = False
+
+    @property
+    def needs_teacher(self) -> bool:
+        return "teacher" in self.inputs
+
+    def param_names(self) -> list[str]:
+        """Keyword parameters a recipe may set (everything after the tensor inputs)."""
+        sig = inspect.signature(self.fn)
+        names = list(sig.parameters)[len(self.inputs) :]
+        return [n for n in names if sig.parameters[n].kind is inspect.Parameter.KEYWORD_ONLY
+                or sig.parameters[n].default is not inspect.Parameter.empty]
+
+    def check_params(self, params: dict) -> None:
+        allowed = self.param_names()
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise DistillError(
+                f"loss '{self.name}' has no parameter {', '.join(map(repr, unknown))}; "
+                f"it accepts: {', '.join(allowed) or 'none'}"
+            )
+
+
+LOSSES: Registry[LossSpec] = Registry("loss")
+
+
+def register_loss(name: str, inputs: tuple[str, ...] = ("student", "teacher"), adapts: bool = False):
+    """Decorator: register ``fn`` as loss ``name``."""
+    for kind in inputs:
+        if kind not in INPUT_KINDS:
+            raise ValueError(f"loss input kind {kind!r} not in {INPUT_KINDS}")
+
+    def add(fn: Callable) -> Callable:
+        LOSSES.register(name, LossSpec(name=name, fn=fn, inputs=tuple(inputs), adapts=adapts))
+        return fn
+
+    return add
+
+
+def get_loss(name: str) -> LossSpec:
+    return LOSSES.get(name)

@@ -1,0 +1,253 @@
+"""The objective: loss terms as data, and the module that trains a student against a teacher.
+
+    distiller = Distiller(student, teacher, terms=[
+        Term("hard", "ce", weight=0.1),
+        Term("soft", "kd", weight=0.9, params={"temperature": 4.0}),
+        Term("hint", "hint", student="layer2", teacher="layer3", weight=1.0),
+    ])
+    distiller.dry_run(batch)             # creates adapters from the shapes it sees
+    out = distiller(batch)               # out.loss, out.terms {"hard": ..., "soft": ..., "hint": ...}
+
+The hard-label weight and the soft-target weight are plain terms: nothing is special about them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.adapters import make_adapter
+from distill.errors import DistillError
+from distill.losses import get_loss
+from distill.signals import Batch, Feed, LiveTeacher, TeacherSignal, default_feed
+from distill.taps import LOGITS, Taps
+
+
+@dataclass
+class Term:
+    """One weighted loss term.
+
+    ``student`` and ``teacher`` are tap names (``"logits"`` is each model's output); ``teacher`` is
+    ignored by losses that read labels. ``adapter`` chooses the adapter kind for losses that adapt.
+    """
+
+    name: str
+    loss: str
+    weight: float = 1.0
+    student: str = LOGITS
+    teacher: str = LOGITS
+    params: dict[str, Any] = field(default_factory=dict)
+    adapter: str = "auto"
+
+    def __post_init__(self) -> None:
+        spec = get_loss(self.loss)
+        spec.check_params(self.params)
+        if not math.isfinite(self.weight):
+            raise DistillError(f"term '{self.name}': weight must be finite, got {self.weight}")
+
+
+@dataclass
+class DistillOutput:
+    """What one forward pass gives: the total, each weighted term, and the student's tensors."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    student: dict[str, torch.Tensor]
+    teacher: dict[str, torch.Tensor]
+
+
+@dataclass
+class DryRunReport:
+    """Shapes and values from one batch (what ``distill check`` prints)."""
+
+    student_taps: dict[str, tuple[int, ...]]
+    teacher_taps: dict[str, tuple[int, ...]]
+    adapters: dict[str, str]
+    terms: dict[str, float]
+    problems: list[str]
+
+
+def _as_batch(batch: Any) -> Batch:
+    """Accept ``{"input", "target", "index"}`` dicts or ``(input, target[, index])`` tuples."""
+    if isinstance(batch, dict):
+        return batch
+    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3:
+        return dict(zip(("input", "target", "index"), batch))
+    raise DistillError(
+        "a batch must be a dict with 'input' and 'target', or a tuple (input, target[, index])"
+    )
+
+
+class Distiller(nn.Module):
+    """A student, its adapters and the weighted terms that train it against a teacher signal.
+
+    The teacher is held outside the module tree: it never appears in ``parameters()`` or
+    ``state_dict()``, stays in eval mode whatever ``.train()`` is called, and gets no gradients.
+    ``teacher`` may be an ``nn.Module`` (wrapped in a :class:`LiveTeacher`), any
+    :class:`TeacherSignal`, or ``None`` for a student trained on labels alone.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | TeacherSignal | None,
+        terms: Sequence[Term],
+        feed: Feed = default_feed,
+    ) -> None:
+        super().__init__()
+        if not terms:
+            raise DistillError("an objective needs at least one term")
+        names = [t.name for t in terms]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise DistillError(f"term names must be unique; repeated: {', '.join(duplicates)}")
+        self.student = student
+        self.terms = list(terms)
+        self.feed = feed
+        self.adapters = nn.ModuleDict()
+        if isinstance(teacher, nn.Module):
+            teacher = LiveTeacher(teacher, feed=feed)
+        object.__setattr__(self, "teacher", teacher)  # not a submodule, on purpose
+        self.specs = {t.name: get_loss(t.loss) for t in self.terms}
+        needs_teacher = [t.name for t in self.terms if self.specs[t.name].needs_teacher]
+        if needs_teacher and teacher is None:
+            raise DistillError(
+                f"terms {', '.join(needs_teacher)} need a teacher, but none was given"
+            )
+        self.student_taps = Taps(
+            student, [t.student for t in self.terms if t.student != LOGITS], owner="student"
+        )
+        self.teacher_tap_names = list(
+            dict.fromkeys(
+                t.teacher for t in self.terms if self.specs[t.name].needs_teacher and t.teacher != LOGITS
+            )
+        )
+        if self.teacher is not None and self.teacher_tap_names:
+            self.teacher.validate_taps(self.teacher_tap_names)
+        self._built = not any(self.specs[t.name].adapts for t in self.terms)
+
+    # -- training-mode guard -------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        model = getattr(self.teacher, "model", None)
+        if isinstance(model, nn.Module):
+            model.eval()
+        return self
+
+    # -- forward ---------------------------------------------------------------------------
+    def _teacher_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.teacher is None or not any(s.needs_teacher for s in self.specs.values()):
+            return {}
+        return self.teacher.outputs(batch, self.teacher_tap_names)
+
+    def _inputs(self, term: Term, student: dict, teacher: dict, batch: Batch) -> list[torch.Tensor]:
+        spec = self.specs[term.name]
+        args = []
+        for kind in spec.inputs:
+            if kind == "student":
+                value = student[term.student]
+                if spec.adapts:
+                    value = self.adapters[term.name](value)
+                args.append(value)
+            elif kind == "teacher":
+                args.append(teacher[term.teacher])
+            elif kind == "labels":
+                if batch.get("target") is None:
+                    raise DistillError(f"term '{term.name}' needs labels, but the batch has none")
+                args.append(batch["target"])
+            elif kind == "index":
+                args.append(batch["index"])
+        return args
+
+    def forward(self, batch: Any) -> DistillOutput:
+        batch = _as_batch(batch)
+        if not self._built:
+            raise DistillError(
+                "call distiller.dry_run(batch) once before training: adapters are created from "
+                "the shapes it sees, and must exist before the optimizer is built"
+            )
+        student = self.student_taps.run(self.feed, self.student, batch)
+        teacher = self._teacher_outputs(batch)
+        parts: dict[str, torch.Tensor] = {}
+        total = None
+        for term in self.terms:
+            value = self.specs[term.name].fn(*self._inputs(term, student, teacher, batch), **term.params)
+            parts[term.name] = value
+            weighted = term.weight * value
+            total = weighted if total is None else total + weighted
+        return DistillOutput(loss=total, terms=parts, student=student, teacher=teacher)
+
+    # -- dry run ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _build_adapters(self, batch: Batch) -> dict[str, str]:
+        student = self.student_taps.run(self.feed, self.student, batch)
+        teacher = self._teacher_outputs(batch)
+        described = {}
+        for term in self.terms:
+            if not self.specs[term.name].adapts or term.name in self.adapters:
+                continue
+            s_shape, t_shape = tuple(student[term.student].shape), tuple(teacher[term.teacher].shape)
+            adapter = make_adapter(s_shape, t_shape, term.adapter)
+            device = student[term.student].device
+            self.adapters[term.name] = adapter.to(device)
+            described[term.name] = f"{type(adapter).__name__} {s_shape} -> {t_shape}"
+        self._built = True
+        return described
+
+    def dry_run(self, batch: Any) -> DryRunReport:
+        """Run one batch: create adapters, then check every term is finite and trains the student.
+
+        The student's weights are not changed (gradients are computed and then cleared; batch-norm
+        running statistics are restored).
+        """
+        batch = _as_batch(batch)
+        saved_buffers = {k: v.clone() for k, v in self.student.state_dict().items()}
+        adapters = self._build_adapters(batch)
+        was_training = self.training
+        self.train()
+        out = self(batch)
+        problems = []
+        values = {}
+        for term in self.terms:
+            value = out.terms[term.name]
+            values[term.name] = float(value.detach())
+            if not torch.isfinite(value):
+                problems.append(f"term '{term.name}' is {values[term.name]} (not finite)")
+            elif term.weight != 0 and abs(values[term.name]) < 1e-12:
+                problems.append(
+                    f"term '{term.name}' is zero on this batch: the student already equals its "
+                    "target, or the two taps are the same tensor"
+                )
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        for term in self.terms:
+            value = out.terms[term.name]
+            if term.weight == 0 or not value.requires_grad:
+                if term.weight != 0:
+                    problems.append(f"term '{term.name}' does not depend on the student")
+                continue
+            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+            norm = sum(float(g.abs().sum()) for g in grads if g is not None)
+            if norm < 1e-8 or not math.isfinite(norm):
+                problems.append(
+                    f"term '{term.name}' gives the student no gradient (norm {norm:g}); "
+                    "is the student already equal to its target, or is the tap detached?"
+                )
+        self.student.load_state_dict(saved_buffers)
+        self.train(was_training)
+        return DryRunReport(
+            student_taps={k: tuple(v.shape) for k, v in out.student.items()},
+            teacher_taps={k: tuple(v.shape) for k, v in out.teacher.items()},
+            adapters=adapters,
+            terms=values,
+            problems=problems,
+        )
+
+    # -- export ----------------------------------------------------------------------------
+    def export_student(self) -> nn.Module:
+        """The bare student, without adapters or teacher."""
+        return self.student

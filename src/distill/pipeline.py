@@ -1,0 +1,342 @@
+"""A whole run from a recipe: teacher → baseline student → distilled student → evaluation → report.
+
+Each stage trains in its own folder under ``RUN_DIR/stages`` with a checkpoint per epoch and a
+``result.json`` when done, so ``resume=True`` skips finished stages and continues the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.checkpoints import atomic_write
+from distill.data import BatchLoader, DataSplits, load_dataset, mixup_inputs, split_validation
+from distill.errors import DistillError
+from distill.measure import count_parameters, cpu_latency_ms, size_bytes
+from distill.models import create_model, save_weights
+from distill.objective import Distiller, Term
+from distill.recipes.loader import recipe_to_yaml
+from distill.recipes.schema import ModelSpec, Recipe, StageSpec, TrainSpec
+from distill.signals import LiveTeacher
+from distill.tasks.classification import classification_metrics, predict
+from distill.trainer import TrainConfig, Trainer
+
+
+def free_cores() -> int:
+    """CPU cores this process may use (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def train_config(spec: TrainSpec, seed: int, progress: bool) -> TrainConfig:
+    fields = spec.model_dump(exclude={"batch_size"})
+    return TrainConfig(**fields, seed=seed, progress=progress)
+
+
+def terms_from(stage: StageSpec) -> list[Term]:
+    return [
+        Term(name=t.name, loss=t.loss, weight=t.weight, student=t.student, teacher=t.teacher,
+             params=dict(t.params), adapter=t.adapter)
+        for t in stage.terms
+    ]
+
+
+def write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+@dataclass
+class Prepared:
+    """Data and loaders of a run, built once and shared by every stage."""
+
+    data: DataSplits
+    train: Any
+    val: Any | None
+    test_loader: BatchLoader
+    val_loader: BatchLoader | None
+
+
+def prepare_data(recipe: Recipe, data_dir: str | Path | None) -> Prepared:
+    spec = recipe.data
+    data = load_dataset(spec.name, data_dir, **spec.options)
+    train = data.train
+    if spec.train_subset is not None and spec.train_subset < len(train):
+        gen = torch.Generator().manual_seed(recipe.seeds[0] + 7919)
+        train = train.subset(torch.randperm(len(train), generator=gen)[: spec.train_subset])
+    val = None
+    if spec.val_fraction > 0:
+        train, val = split_validation(train, spec.val_fraction, seed=recipe.seeds[0])
+    kwargs = dict(mean=data.mean, std=data.std)
+    test_loader = BatchLoader(data.test, spec.eval_batch_size, shuffle=False, **kwargs)
+    val_loader = BatchLoader(val, spec.eval_batch_size, shuffle=False, **kwargs) if val is not None else None
+    return Prepared(data, train, val, test_loader, val_loader)
+
+
+def train_loader(recipe: Recipe, prepared: Prepared, batch_size: int, seed: int) -> BatchLoader:
+    augment = recipe.data.augment.model_dump() if prepared.data.is_image else None
+    return BatchLoader(
+        prepared.train, batch_size, shuffle=True, seed=seed, drop_last=len(prepared.train) > batch_size,
+        mean=prepared.data.mean, std=prepared.data.std, augment=augment,
+    )
+
+
+def build_model(spec: ModelSpec, data: DataSplits, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model(spec.model, data.num_classes, data.input_shape, weights=spec.weights, **spec.kwargs)
+
+
+def mixup_transform(alpha: float):
+    """Function matching (Beyer et al. 2022): the student and teacher both see mixed inputs."""
+
+    def transform(batch: dict, generator: torch.Generator) -> dict:
+        mixed = dict(batch)
+        mixed["input"] = mixup_inputs(batch["input"], generator, alpha)
+        mixed["target"] = None  # labels do not describe a mixed input
+        return mixed
+
+    return transform
+
+
+class Run:
+    """One recipe's run in ``run_dir``."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: str | Path,
+        *,
+        data_dir: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        console=None,
+    ) -> None:
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.data_dir = data_dir
+        self.resume = resume
+        self.progress = progress
+        self.console = console
+        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not resume:
+            if not overwrite:
+                raise DistillError(
+                    f"run directory {self.run_dir} already exists; pass --overwrite to replace it "
+                    "or --resume to continue it"
+                )
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._check_function_matching()
+
+    def _check_function_matching(self) -> None:
+        stage = self.recipe.distill
+        if stage.mixup_alpha is not None:
+            from distill.losses import get_loss
+
+            readers = [t.name for t in stage.terms if "labels" in get_loss(t.loss).inputs and t.weight != 0]
+            if readers:
+                raise DistillError(
+                    f"distill.mixup_alpha is set, but terms {', '.join(readers)} read labels, which do "
+                    "not describe mixed inputs; drop them (function matching uses teacher targets only)"
+                )
+
+    def say(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message)
+
+    # ------------------------------------------------------------------------------------
+    def _train_stage(
+        self, name: str, seed: int, model: nn.Module, teacher, stage: StageSpec, spec: TrainSpec,
+        prepared: Prepared,
+    ) -> tuple[nn.Module, list[dict[str, float]]]:
+        stage_dir = self.run_dir / "stages" / name
+        distiller = Distiller(model, teacher, terms_from(stage))
+        loader = train_loader(self.recipe, prepared, spec.batch_size, seed)
+        first = next(iter(loader))
+        transform = mixup_transform(stage.mixup_alpha) if stage.mixup_alpha else None
+        report = distiller.dry_run(transform(first, torch.Generator().manual_seed(0)) if transform else first)
+        if report.problems:
+            raise DistillError(f"{name}: " + "; ".join(report.problems))
+        evaluate = None
+        if prepared.val_loader is not None:
+            val_loader = prepared.val_loader
+
+            def evaluate(m: Distiller) -> dict[str, float]:
+                logits, targets = predict(m.student, val_loader)
+                return classification_metrics(logits, targets)
+
+        trainer = Trainer(
+            distiller, loader, train_config(spec, seed, self.progress), evaluate=evaluate,
+            run_dir=stage_dir, name=name, batch_transform=transform, console=self.console,
+        )
+        history = trainer.fit(resume=self.resume)
+        return distiller.export_student(), history
+
+    def _stage_done(self, name: str) -> dict | None:
+        path = self.run_dir / "stages" / name / "result.json"
+        if self.resume and path.exists():
+            return json.loads(path.read_text())
+        return None
+
+    def _teacher(self, prepared: Prepared) -> nn.Module:
+        spec = self.recipe.teacher
+        seed = self.recipe.seeds[0]
+        teacher = build_model(spec, prepared.data, seed)
+        weights_path = self.run_dir / "teacher.safetensors"
+        if spec.train is None:
+            return teacher
+        if self._stage_done("teacher") and weights_path.exists():
+            from distill.models import load_weights
+
+            load_weights(teacher, weights_path)
+            self.say("teacher: loaded from the finished stage of this run")
+            return teacher
+        stage = StageSpec(terms=[{"name": "ce", "loss": "ce"}])
+        teacher, history = self._train_stage("teacher", seed, teacher, None, stage, spec.train, prepared)
+        save_weights(teacher, weights_path)
+        write_json(self.run_dir / "stages" / "teacher" / "result.json", {"history": history})
+        return teacher
+
+    def _check_classes(self, teacher: nn.Module, student: nn.Module, prepared: Prepared) -> None:
+        batch = next(iter(prepared.test_loader))
+        x = batch["input"][:2]
+        with torch.no_grad():
+            teacher.eval(), student.eval()
+            t, s = teacher(x), student(x)
+        if t.shape[-1] != s.shape[-1]:
+            raise DistillError(
+                f"teacher predicts {t.shape[-1]} classes but the student {s.shape[-1]}; "
+                "they must share the label space"
+            )
+        if t.shape[-1] != prepared.data.num_classes:
+            raise DistillError(
+                f"teacher predicts {t.shape[-1]} classes, but data set '{prepared.data.name}' has "
+                f"{prepared.data.num_classes}"
+            )
+
+    def _evaluate(self, model: nn.Module, prepared: Prepared, teacher_logits) -> dict[str, float]:
+        logits, targets = predict(model, prepared.test_loader)
+        return classification_metrics(logits, targets, teacher_logits)
+
+    def execute(self) -> dict[str, Any]:
+        recipe = self.recipe
+        torch.set_num_threads(recipe.threads or free_cores())
+        atomic_write(self.run_dir / "recipe.yaml", lambda f: f.write(recipe_to_yaml(recipe).encode()))
+        prepared = prepare_data(recipe, self.data_dir)
+        self.say(
+            f"data: {prepared.data.name}: {len(prepared.train)} train"
+            + (f", {len(prepared.val)} validation" if prepared.val is not None else "")
+            + f", {len(prepared.data.test)} test, {prepared.data.num_classes} classes"
+        )
+        teacher = self._teacher(prepared)
+        self._check_classes(teacher, build_model(recipe.student, prepared.data, 0), prepared)
+        teacher_logits, targets = predict(teacher, prepared.test_loader)
+        teacher_metrics = classification_metrics(teacher_logits, targets)
+        self.say(f"teacher: test accuracy {100 * teacher_metrics['accuracy']:.2f}%")
+        signal = LiveTeacher(teacher, precision=recipe.teacher.precision, device=recipe.teacher.device)
+
+        per_seed: dict[str, list[dict[str, float]]] = {"baseline": [], "student": []}
+        student_model = None
+        for seed in recipe.seeds:
+            for role, stage, teacher_arg in (("baseline", recipe.baseline, None), ("student", recipe.distill, signal)):
+                if not stage.enabled:
+                    continue
+                name = f"{role}-seed{seed}"
+                done = self._stage_done(name)
+                model = build_model(recipe.student, prepared.data, seed)
+                weights = self.run_dir / "stages" / name / "student.safetensors"
+                if done and weights.exists():
+                    metrics = done["test"]
+                    if role == "student" and student_model is None:
+                        from distill.models import load_weights
+
+                        student_model = load_weights(model, weights) or model
+                else:
+                    spec = stage.train or recipe.train
+                    model, history = self._train_stage(name, seed, model, teacher_arg, stage, spec, prepared)
+                    metrics = self._evaluate(model, prepared, teacher_logits)
+                    save_weights(model, weights)
+                    write_json(weights.parent / "result.json", {"test": metrics, "history": history})
+                    if role == "student" and student_model is None:
+                        student_model = model
+                per_seed[role].append(metrics)
+                self.say(f"{role} (seed {seed}): test accuracy {100 * metrics['accuracy']:.2f}%, "
+                         f"agreement with teacher {100 * metrics['agreement']:.2f}%")
+
+        results = self._summarise(teacher, teacher_metrics, per_seed, prepared)
+        if student_model is not None:
+            save_weights(student_model, self.run_dir / "student.safetensors")
+        write_json(self.run_dir / "results.json", results)
+        from distill.report import write_report
+
+        write_report(self.run_dir, results)
+        return results
+
+    def _summarise(self, teacher, teacher_metrics, per_seed, prepared) -> dict[str, Any]:
+        recipe = self.recipe
+        example = next(iter(prepared.test_loader))["input"][:1]
+        student_arch = build_model(recipe.student, prepared.data, 0)
+        measure_latency = recipe.evaluate.latency
+        repeats = recipe.evaluate.latency_repeats
+
+        def describe(model: nn.Module) -> dict[str, Any]:
+            info = {"params": count_parameters(model), "size_bytes": size_bytes(model)}
+            if measure_latency:
+                info["latency_ms"] = cpu_latency_ms(model, example, repeats=repeats)
+            return info
+
+        teacher_info = describe(teacher)
+        student_info = describe(student_arch)
+        results: dict[str, Any] = {
+            "recipe": recipe.name,
+            "data": prepared.data.name,
+            "seeds": list(recipe.seeds),
+            "threads": torch.get_num_threads(),
+            "teacher": {**teacher_metrics, "agreement": 1.0, "per_seed": None, "model": recipe.teacher.model, **teacher_info},
+        }
+        for role, rows in per_seed.items():
+            if not rows:
+                continue
+            summary: dict[str, Any] = {"model": recipe.student.model, **student_info}
+            for key in rows[0]:
+                values = [r[key] for r in rows]
+                summary[key] = statistics.fmean(values)
+                summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary["per_seed"] = {"accuracy": [r["accuracy"] for r in rows]}
+            results[role] = summary
+        results["verdict"] = verdict(results)
+        return results
+
+
+def verdict(results: dict[str, Any]) -> str:
+    """One sentence: did distillation beat the student trained alone, beyond the seed spread?"""
+    if "baseline" not in results or "student" not in results:
+        return "no comparison: the baseline or the distilled student was not trained"
+    b, s = results["baseline"], results["student"]
+    gain = 100 * (s["accuracy"] - b["accuracy"])
+    spread = 100 * max(b["accuracy_std"], s["accuracy_std"])
+    n = len(b["per_seed"]["accuracy"])
+    if n < 2:
+        return f"distilled − baseline = {gain:+.2f} points on one seed: run more seeds to judge"
+    if gain > spread:
+        return (f"distillation helped: {gain:+.2f} points over the student trained alone, "
+                f"beyond the spread ({spread:.2f}) over {n} seeds")
+    if gain < -spread:
+        return (f"distillation hurt: {gain:+.2f} points against the student trained alone, "
+                f"beyond the spread ({spread:.2f}) over {n} seeds")
+    return (f"no clear effect: {gain:+.2f} points, within the spread ({spread:.2f}) over {n} seeds")
+
+
+def run_recipe(recipe: Recipe, run_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Run ``recipe`` in ``run_dir``; returns the results written to ``results.json``."""
+    return Run(recipe, run_dir, **kwargs).execute()

@@ -1,0 +1,129 @@
+"""The recipe: typed YAML that describes a whole distillation run.
+
+Every field has a default or is required; unknown fields are errors (a typo must not be ignored).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainSpec(Strict):
+    """How one model is trained (see :class:`distill.trainer.TrainConfig`)."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine", "step", "linear"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    clip_grad_norm: float | None = Field(None, gt=0)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    monitor: str = "val_accuracy"
+    monitor_mode: Literal["max", "min"] = "max"
+    restore_best: bool = False
+
+
+class AugmentSpec(Strict):
+    crop_padding: int = Field(0, ge=0)
+    flip: bool = False
+
+
+class DataSpec(Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+    train_subset: int | None = Field(None, ge=1, description="use only this many training samples")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    eval_batch_size: int = Field(1024, ge=1)
+
+
+class ModelSpec(Strict):
+    model: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+
+
+class TermSpec(Strict):
+    name: str | None = None
+    loss: str
+    weight: float = 1.0
+    student: str = "logits"
+    teacher: str = "logits"
+    params: dict[str, Any] = Field(default_factory=dict)
+    adapter: Literal["auto", "identity", "linear", "conv1x1", "conv1d"] = "auto"
+
+
+class TeacherSpec(ModelSpec):
+    """A teacher: trained by the run (``train``) or loaded (``weights``)."""
+
+    train: TrainSpec | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str | None = None
+
+
+class StageSpec(Strict):
+    """A student stage: the terms it is trained with and, optionally, its own schedule."""
+
+    enabled: bool = True
+    terms: list[TermSpec]
+    train: TrainSpec | None = None
+    mixup_alpha: float | None = Field(
+        None, gt=0,
+        description="function matching (Beyer et al. 2022): train on mixup-interpolated inputs",
+    )
+
+    @field_validator("terms")
+    @classmethod
+    def _named(cls, terms: list[TermSpec]) -> list[TermSpec]:
+        if not terms:
+            raise ValueError("at least one term is needed")
+        for i, term in enumerate(terms):
+            if term.name is None:
+                term.name = term.loss if sum(t.loss == term.loss for t in terms) == 1 else f"{term.loss}{i}"
+        return terms
+
+
+def _default_baseline() -> StageSpec:
+    return StageSpec(terms=[TermSpec(name="ce", loss="ce")])
+
+
+class EvaluateSpec(Strict):
+    latency: bool = True
+    latency_repeats: int = Field(50, ge=1)
+
+
+class Recipe(Strict):
+    """A whole run: data, teacher, student, the baseline and distilled stages, seeds."""
+
+    name: str = "run"
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    threads: int | None = Field(None, ge=1, description="torch.set_num_threads; default: free cores")
+    data: DataSpec
+    teacher: TeacherSpec
+    student: ModelSpec
+    train: TrainSpec = Field(default_factory=TrainSpec, description="the student's schedule")
+    baseline: StageSpec = Field(default_factory=_default_baseline)
+    distill: StageSpec
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+
+    @model_validator(mode="after")
+    def _teacher_source(self) -> "Recipe":
+        if self.teacher.weights is None and self.teacher.train is None:
+            raise ValueError("teacher needs 'weights' (a file to load) or 'train' (how to train it)")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        return self

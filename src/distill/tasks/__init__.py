@@ -1,0 +1,1 @@
+"""Tasks: what differs between classification, detection, language modelling and ranking."""

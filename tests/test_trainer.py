@@ -1,0 +1,134 @@
+import pytest
+import torch
+from torch import nn
+
+from distill import Distiller, Term, TrainConfig, Trainer
+from distill.checkpoints import load_checkpoint, save_checkpoint
+from distill.errors import DistillError
+from distill.schedules import learning_rate
+
+
+class Crash(Exception):
+    pass
+
+
+class TinyLoader:
+    """A deterministic in-memory loader; can crash at the start of a given epoch."""
+
+    def __init__(self, n=64, batch=16, crash_at_epoch=None):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = (self.x[:, 0] > 0).long() + (self.x[:, 1] > 0).long()
+        self.batch, self.epoch, self.crash_at_epoch = batch, 0, crash_at_epoch
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.x) // self.batch
+
+    def __iter__(self):
+        if self.crash_at_epoch is not None and self.epoch == self.crash_at_epoch:
+            raise Crash()
+        perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.epoch))
+        for k in range(len(self)):
+            idx = perm[k * self.batch:(k + 1) * self.batch]
+            yield {"input": self.x[idx], "target": self.y[idx], "index": idx}
+
+
+def make(student_seed=0):
+    torch.manual_seed(0)  # the teacher is fixed (in practice: loaded from its weights)
+    teacher = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3))
+    torch.manual_seed(student_seed)
+    student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3))
+    d = Distiller(student, teacher, [Term("hard", "ce", 0.5), Term("soft", "kd", 0.5),
+                                     Term("hint", "hint", student="1", teacher="1")])
+    d.dry_run(next(iter(TinyLoader())))
+    return d
+
+
+CFG = dict(epochs=3, optimizer="sgd", lr=0.1, schedule="cosine", progress=False)
+
+
+def test_loss_decreases_and_metrics_csv(tmp_path):
+    d = make()
+    history = Trainer(d, TinyLoader(), TrainConfig(**{**CFG, "epochs": 6}), run_dir=tmp_path).fit()
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "lr", "train_hard", "train_soft", "train_hint", "train_loss"} <= set(header)
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_resume_after_crash_gives_same_weights_as_uninterrupted(tmp_path):
+    whole = make()
+    Trainer(whole, TinyLoader(), TrainConfig(**CFG), run_dir=tmp_path / "a").fit()
+
+    crashed = make()
+    with pytest.raises(Crash):
+        Trainer(crashed, TinyLoader(crash_at_epoch=1), TrainConfig(**CFG), run_dir=tmp_path / "b").fit()
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 0
+    torch.manual_seed(1234)  # the resumed process starts with other RNG state
+    resumed = make(student_seed=99)  # and other initial weights: the checkpoint must override them
+    Trainer(resumed, TinyLoader(), TrainConfig(**CFG), run_dir=tmp_path / "b").fit(resume=True)
+    for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3
+
+
+def test_same_seed_same_result_on_cpu(tmp_path):
+    a, b = make(), make()
+    Trainer(a, TinyLoader(), TrainConfig(**CFG)).fit()
+    Trainer(b, TinyLoader(), TrainConfig(**CFG)).fit()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_nan_loss_names_step_and_term():
+    d = make()
+    loader = TinyLoader()
+    loader.x[5] = float("nan")
+    with pytest.raises(DistillError, match=r"epoch 1, step \d+ \(non-finite terms: hard, soft, hint"):
+        Trainer(d, loader, TrainConfig(**CFG)).fit()
+
+
+def test_early_stopping_and_restore_best():
+    d = make()
+    calls = iter([0.5, 0.7, 0.6, 0.6, 0.6, 0.6])
+    config = TrainConfig(**{**CFG, "epochs": 6}, early_stopping_patience=2)
+    trainer = Trainer(d, TinyLoader(), config, evaluate=lambda m: {"accuracy": next(calls)})
+    history = trainer.fit()
+    assert len(history) == 4 and trainer.stopped_early
+
+
+def test_grad_accumulation_and_bf16_run():
+    d = make()
+    config = TrainConfig(**{**CFG, "epochs": 1}, grad_accum=2, mixed_precision="bf16")
+    history = Trainer(d, TinyLoader(), config).fit()
+    assert torch.isfinite(torch.tensor(history[-1]["train_loss"]))
+
+
+def test_schedules():
+    assert learning_rate(1.0, 0, 10, "cosine") == pytest.approx(1.0)
+    assert learning_rate(1.0, 10, 10, "cosine") == pytest.approx(0.0, abs=1e-9)
+    assert learning_rate(0.05, 160, 240, "step", milestones=[150, 180, 210]) == pytest.approx(0.005)
+    assert learning_rate(1.0, 0.5, 10, "constant", warmup_epochs=1) == pytest.approx(0.5, rel=1e-6)
+
+
+def test_checkpoint_refuses_pickled_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(DistillError, match="cannot be read safely"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(DistillError):
+        load_checkpoint(path)
+    save_checkpoint({"a": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "ok.pt")["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
