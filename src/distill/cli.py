@@ -24,7 +24,10 @@ EXIT_USAGE = 2
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False)
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough for the results table
+        console = Console(width=140)
+    return console
 
 
 def _print_results(console, results: dict) -> None:

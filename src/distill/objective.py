@@ -176,7 +176,10 @@ class Distiller(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         total = None
         for term in self.terms:
-            value = self.specs[term.name].fn(*self._inputs(term, student, teacher, batch), **term.params)
+            try:
+                value = self.specs[term.name].fn(*self._inputs(term, student, teacher, batch), **term.params)
+            except ValueError as exc:  # shape or parameter mistakes: the user's to fix
+                raise DistillError(f"term '{term.name}' ({term.loss}): {exc}") from None
             parts[term.name] = value
             weighted = term.weight * value
             total = weighted if total is None else total + weighted

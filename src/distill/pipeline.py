@@ -21,7 +21,7 @@ from distill.checkpoints import atomic_write
 from distill.data import BatchLoader, DataSplits, load_dataset, mixup_inputs, split_validation
 from distill.errors import DistillError
 from distill.measure import count_parameters, cpu_latency_ms, size_bytes
-from distill.models import create_model, save_weights
+from distill.models import create_model, load_weights, save_weights
 from distill.objective import Distiller, Term
 from distill.recipes.loader import recipe_to_yaml
 from distill.recipes.schema import ModelSpec, Recipe, StageSpec, TrainSpec
@@ -108,6 +108,22 @@ def mixup_transform(alpha: float):
     return transform
 
 
+def check_classes(teacher: nn.Module, student: nn.Module, prepared: Prepared) -> None:
+    """Teacher, student and data must share one label space."""
+    x = next(iter(prepared.test_loader))["input"][:2]
+    modes = teacher.training, student.training
+    teacher.eval(), student.eval()
+    with torch.no_grad():
+        t, s = teacher(x).shape[-1], student(x).shape[-1]
+    teacher.train(modes[0]), student.train(modes[1])
+    if t != s:
+        raise DistillError(f"teacher predicts {t} classes but the student {s}; they must share the label space")
+    if t != prepared.data.num_classes:
+        raise DistillError(
+            f"teacher predicts {t} classes, but data set '{prepared.data.name}' has {prepared.data.num_classes}"
+        )
+
+
 class Run:
     """One recipe's run in ``run_dir``."""
 
@@ -128,15 +144,24 @@ class Run:
         self.resume = resume
         self.progress = progress
         self.console = console
-        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not resume:
-            if not overwrite:
-                raise DistillError(
-                    f"run directory {self.run_dir} already exists; pass --overwrite to replace it "
-                    "or --resume to continue it"
-                )
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Under `accelerate launch` / `torchrun` every process runs this; only the main one writes.
+        from accelerate import PartialState
+
+        self.state = PartialState()
+        self.main = self.state.is_main_process
         self._check_function_matching()
+        exists = self.run_dir.exists() and any(self.run_dir.iterdir())
+        self.state.wait_for_everyone()
+        if exists and not resume and not overwrite:
+            raise DistillError(
+                f"run directory {self.run_dir} already exists; pass --overwrite to replace it "
+                "or --resume to continue it"
+            )
+        if self.main:
+            if exists and not resume:
+                shutil.rmtree(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state.wait_for_everyone()
 
     def _check_function_matching(self) -> None:
         stage = self.recipe.distill
@@ -151,7 +176,7 @@ class Run:
                 )
 
     def say(self, message: str) -> None:
-        if self.console is not None:
+        if self.console is not None and self.main:
             self.console.print(message)
 
     # ------------------------------------------------------------------------------------
@@ -196,33 +221,16 @@ class Run:
         if spec.train is None:
             return teacher
         if self._stage_done("teacher") and weights_path.exists():
-            from distill.models import load_weights
-
             load_weights(teacher, weights_path)
             self.say("teacher: loaded from the finished stage of this run")
             return teacher
         stage = StageSpec(terms=[{"name": "ce", "loss": "ce"}])
         teacher, history = self._train_stage("teacher", seed, teacher, None, stage, spec.train, prepared)
-        save_weights(teacher, weights_path)
-        write_json(self.run_dir / "stages" / "teacher" / "result.json", {"history": history})
+        if self.main:
+            save_weights(teacher, weights_path)
+            write_json(self.run_dir / "stages" / "teacher" / "result.json", {"history": history})
+        self.state.wait_for_everyone()
         return teacher
-
-    def _check_classes(self, teacher: nn.Module, student: nn.Module, prepared: Prepared) -> None:
-        batch = next(iter(prepared.test_loader))
-        x = batch["input"][:2]
-        with torch.no_grad():
-            teacher.eval(), student.eval()
-            t, s = teacher(x), student(x)
-        if t.shape[-1] != s.shape[-1]:
-            raise DistillError(
-                f"teacher predicts {t.shape[-1]} classes but the student {s.shape[-1]}; "
-                "they must share the label space"
-            )
-        if t.shape[-1] != prepared.data.num_classes:
-            raise DistillError(
-                f"teacher predicts {t.shape[-1]} classes, but data set '{prepared.data.name}' has "
-                f"{prepared.data.num_classes}"
-            )
 
     def _evaluate(self, model: nn.Module, prepared: Prepared, teacher_logits) -> dict[str, float]:
         logits, targets = predict(model, prepared.test_loader)
@@ -231,7 +239,8 @@ class Run:
     def execute(self) -> dict[str, Any]:
         recipe = self.recipe
         torch.set_num_threads(recipe.threads or free_cores())
-        atomic_write(self.run_dir / "recipe.yaml", lambda f: f.write(recipe_to_yaml(recipe).encode()))
+        if self.main:
+            atomic_write(self.run_dir / "recipe.yaml", lambda f: f.write(recipe_to_yaml(recipe).encode()))
         prepared = prepare_data(recipe, self.data_dir)
         self.say(
             f"data: {prepared.data.name}: {len(prepared.train)} train"
@@ -239,7 +248,7 @@ class Run:
             + f", {len(prepared.data.test)} test, {prepared.data.num_classes} classes"
         )
         teacher = self._teacher(prepared)
-        self._check_classes(teacher, build_model(recipe.student, prepared.data, 0), prepared)
+        check_classes(teacher, build_model(recipe.student, prepared.data, 0), prepared)
         teacher_logits, targets = predict(teacher, prepared.test_loader)
         teacher_metrics = classification_metrics(teacher_logits, targets)
         self.say(f"teacher: test accuracy {100 * teacher_metrics['accuracy']:.2f}%")
@@ -258,15 +267,16 @@ class Run:
                 if done and weights.exists():
                     metrics = done["test"]
                     if role == "student" and student_model is None:
-                        from distill.models import load_weights
-
-                        student_model = load_weights(model, weights) or model
+                        load_weights(model, weights)
+                        student_model = model
                 else:
                     spec = stage.train or recipe.train
                     model, history = self._train_stage(name, seed, model, teacher_arg, stage, spec, prepared)
                     metrics = self._evaluate(model, prepared, teacher_logits)
-                    save_weights(model, weights)
-                    write_json(weights.parent / "result.json", {"test": metrics, "history": history})
+                    if self.main:
+                        save_weights(model, weights)
+                        write_json(weights.parent / "result.json", {"test": metrics, "history": history})
+                    self.state.wait_for_everyone()
                     if role == "student" and student_model is None:
                         student_model = model
                 per_seed[role].append(metrics)
@@ -274,12 +284,14 @@ class Run:
                          f"agreement with teacher {100 * metrics['agreement']:.2f}%")
 
         results = self._summarise(teacher, teacher_metrics, per_seed, prepared)
-        if student_model is not None:
-            save_weights(student_model, self.run_dir / "student.safetensors")
-        write_json(self.run_dir / "results.json", results)
-        from distill.report import write_report
+        if self.main:
+            if student_model is not None:
+                save_weights(student_model, self.run_dir / "student.safetensors")
+            write_json(self.run_dir / "results.json", results)
+            from distill.report import write_report
 
-        write_report(self.run_dir, results)
+            write_report(self.run_dir, results)
+        self.state.wait_for_everyone()
         return results
 
     def _summarise(self, teacher, teacher_metrics, per_seed, prepared) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ def validate_names(recipe: Recipe) -> None:
 def load_recipe(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load, override and validate a recipe (a path, a preset name, or a mapping)."""
     if isinstance(source, dict):
-        data, where = dict(source), "recipe"
+        data, where = copy.deepcopy(source), "recipe"
     else:
         data, where = read_yaml(source), f"recipe {source}"
     for assignment in overrides:
