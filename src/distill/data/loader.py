@@ -1,0 +1,147 @@
+"""The batch loader: in-memory tensors, deterministic shuffling and augmentation, any process count.
+
+Determinism contract (it makes resume exact and makes N-process runs equal 1-process runs):
+
+- epoch ``e``'s permutation comes from a generator seeded by ``(seed, e)`` only;
+- global batch ``k`` is ``perm[k * B:(k + 1) * B]`` (``B`` = ``batch_size``, the *global* size),
+  and rank ``r`` of ``world_size`` takes its ``[r::world_size]`` slice;
+- augmentation for global batch ``k`` is drawn from a generator seeded by ``(seed, e, k)`` for the
+  whole global batch and sliced the same way.
+
+So the batches of every rank, interleaved, are exactly the single-process batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from distill.data.augment import apply_crop_flip, crop_flip_params
+from distill.data.types import ArrayDataset
+from distill.errors import DistillError
+
+_AUGMENT_KEYS = {"crop_padding": int, "flip": bool}
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from ``parts``, the same on every platform and process."""
+    text = ":".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+class BatchLoader:
+    """Batches of an :class:`ArrayDataset` as ``{"input", "target", "index"}`` dicts.
+
+    ``input``: float32 ``[b, ...]``; uint8 inputs are scaled to [0, 1], then augmented (images
+    ``[b, C, H, W]`` only: ``augment={"crop_padding": int, "flip": bool}``), then normalised with
+    ``mean``/``std`` per channel when given. ``target``: int64 ``[b]``; ``index``: int64 ``[b]``,
+    the samples' positions in ``dataset``. ``b`` is ``batch_size / world_size`` (the last batch may
+    be smaller unless ``drop_last``). ``rank`` and ``world_size`` may be set after construction
+    (the trainer does so); ``batch_size`` must be divisible by ``world_size``.
+    """
+
+    def __init__(
+        self,
+        dataset: ArrayDataset,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        augment: dict | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DistillError(f"batch size must be a positive integer, got {batch_size!r}")
+        if (mean is None) != (std is None):
+            raise DistillError("give both mean and std for normalisation, or neither")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self._inputs = dataset.inputs
+        self._targets = dataset.targets.long()
+        self._mean = self._std = None
+        if mean is not None:
+            channels = self._inputs.shape[1] if self._inputs.dim() > 1 else 1
+            if len(mean) not in (1, channels) or len(std) != len(mean):
+                raise DistillError(
+                    f"mean/std have {len(mean)}/{len(std)} values but the inputs have {channels} channels"
+                )
+            if any(s <= 0 for s in std):
+                raise DistillError(f"std values must be > 0, got {tuple(std)}")
+            self._mean = tuple(float(m) for m in mean)
+            self._std = tuple(float(s) for s in std)
+            shape = (1, -1) + (1,) * (self._inputs.dim() - 2)
+            self._mean_t = torch.tensor(self._mean, dtype=torch.float32).reshape(shape)
+            self._std_t = torch.tensor(self._std, dtype=torch.float32).reshape(shape)
+        self.padding, self.flip = self._augment_options(augment)
+
+    def _augment_options(self, augment: dict | None) -> tuple[int, bool]:
+        augment = dict(augment or {})
+        unknown = sorted(set(augment) - set(_AUGMENT_KEYS))
+        if unknown:
+            raise DistillError(f"unknown augmentation {', '.join(unknown)}; accepted: {', '.join(_AUGMENT_KEYS)}")
+        padding, flip = augment.get("crop_padding", 0) or 0, bool(augment.get("flip", False))
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise DistillError(f"crop_padding must be an integer >= 0, got {padding!r}")
+        if (padding or flip) and self._inputs.dim() != 4:
+            raise DistillError(
+                f"crop and flip augment images [N, C, H, W], but the inputs are {tuple(self._inputs.shape)}; "
+                "turn the augmentation off for this data set"
+            )
+        return padding, flip
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s order and augmentation (call before iterating)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        """Number of batches per epoch (the same on every rank)."""
+        n = len(self._targets)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _check_ranks(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise DistillError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if self.batch_size % self.world_size:
+            raise DistillError(
+                f"batch size {self.batch_size} is not divisible by the {self.world_size} processes; the batch "
+                f"size is global, so choose a multiple of {self.world_size}"
+            )
+
+    def order(self, epoch: int | None = None) -> torch.Tensor:
+        """The sample order of ``epoch`` (default: the current one), int64 ``[N]``."""
+        n = len(self._targets)
+        if not self.shuffle:
+            return torch.arange(n)
+        epoch = self.epoch if epoch is None else epoch
+        generator = torch.Generator().manual_seed(derive_seed("order", self.seed, epoch))
+        return torch.randperm(n, generator=generator)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._check_ranks()
+        order = self.order()
+        augmenting = self.padding > 0 or self.flip
+        for k in range(len(self)):
+            global_index = order[k * self.batch_size:(k + 1) * self.batch_size]
+            index = global_index[self.rank::self.world_size]
+            x = self._inputs[index]
+            x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+            if augmenting:
+                generator = torch.Generator().manual_seed(derive_seed("augment", self.seed, self.epoch, k))
+                params = crop_flip_params(len(global_index), generator, self.padding, self.flip)
+                x = apply_crop_flip(x, tuple(p[self.rank::self.world_size] for p in params), self.padding)
+            if self._mean is not None:
+                x = (x - self._mean_t) / self._std_t
+            yield {"input": x, "target": self._targets[index], "index": index}
