@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from distill.objective import Distiller, DryRunReport
-from distill.pipeline import (build_model, check_classes, mixup_transform, prepare_data, terms_from,
+from distill.pipeline import (build_model, check_classes, prepare_data, stage_transform, terms_from,
                               train_loader)
 from distill.recipes.schema import Recipe
 
@@ -40,8 +40,9 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> CheckRep
         distiller = Distiller(student, teacher_arg, terms_from(stage))
         spec = stage.train or recipe.train
         batch = next(iter(train_loader(recipe, prepared, spec.batch_size, seed)))
-        if stage.mixup_alpha:
-            batch = mixup_transform(stage.mixup_alpha)(batch, torch.Generator().manual_seed(0))
+        transform = stage_transform(recipe, stage)
+        if transform is not None:
+            batch = transform(batch, torch.Generator().manual_seed(0))
         result = distiller.dry_run(batch)
         report.stages[name] = result
     return report

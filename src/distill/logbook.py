@@ -15,6 +15,7 @@ class MetricsLog:
     def __init__(self, path: str | Path | None, tensorboard_dir: str | Path | None = None) -> None:
         self.path = Path(path) if path else None
         self.rows: list[dict[str, float]] = []
+        self._columns: list[str] | None = None
         self._tb = None
         if tensorboard_dir is not None:
             try:
@@ -25,18 +26,25 @@ class MetricsLog:
                 self._tb = SummaryWriter(str(tensorboard_dir))
 
     def restore(self, rows: list[dict[str, float]]) -> None:
+        """Start from ``rows`` (a resumed run); the file is rewritten on the next append."""
         self.rows = [dict(r) for r in rows]
+        self._columns = None
 
     def append(self, row: dict[str, float]) -> None:
         self.rows.append(dict(row))
         if self.path is not None:
             columns = list(dict.fromkeys(k for r in self.rows for k in r))
-            buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-            data = buffer.getvalue().encode()
-            atomic_write(self.path, lambda f: f.write(data))
+            if columns == self._columns:  # the common case: one more line
+                with open(self.path, "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=columns).writerow(row)
+            else:  # first row, new columns, or a resumed run: write the whole file afresh
+                buffer = io.StringIO()
+                writer = csv.DictWriter(buffer, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+                data = buffer.getvalue().encode()
+                atomic_write(self.path, lambda f: f.write(data))
+                self._columns = columns
         if self._tb is not None:
             step = int(row.get("epoch", len(self.rows)))
             for key, value in row.items():

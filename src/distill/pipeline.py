@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill.batch_transforms import compose, mixup_transform, shift_transform
 from distill.checkpoints import atomic_write
-from distill.data import BatchLoader, DataSplits, load_dataset, mixup_inputs, split_validation
+from distill.data import BatchLoader, DataSplits, load_dataset, split_validation
 from distill.errors import DistillError
 from distill.measure import count_parameters, cpu_latency_ms, size_bytes
 from distill.models import create_model, load_weights, save_weights
@@ -84,28 +85,25 @@ def prepare_data(recipe: Recipe, data_dir: str | Path | None) -> Prepared:
 
 
 def train_loader(recipe: Recipe, prepared: Prepared, batch_size: int, seed: int) -> BatchLoader:
-    augment = recipe.data.augment.model_dump() if prepared.data.is_image else None
+    augment = recipe.data.augment.model_dump(include={"crop_padding", "flip"}) if prepared.data.is_image else None
     return BatchLoader(
         prepared.train, batch_size, shuffle=True, seed=seed, drop_last=len(prepared.train) > batch_size,
         mean=prepared.data.mean, std=prepared.data.std, augment=augment,
     )
 
 
+def stage_transform(recipe: Recipe, stage: StageSpec | None):
+    """The per-step batch transform of a stage: 1-D shifts, then function-matching mixup."""
+    shift = recipe.data.augment.shift
+    return compose(
+        shift_transform(shift) if shift else None,
+        mixup_transform(stage.mixup_alpha) if stage is not None and stage.mixup_alpha else None,
+    )
+
+
 def build_model(spec: ModelSpec, data: DataSplits, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return create_model(spec.model, data.num_classes, data.input_shape, weights=spec.weights, **spec.kwargs)
-
-
-def mixup_transform(alpha: float):
-    """Function matching (Beyer et al. 2022): the student and teacher both see mixed inputs."""
-
-    def transform(batch: dict, generator: torch.Generator) -> dict:
-        mixed = dict(batch)
-        mixed["input"] = mixup_inputs(batch["input"], generator, alpha)
-        mixed["target"] = None  # labels do not describe a mixed input
-        return mixed
-
-    return transform
 
 
 def check_classes(teacher: nn.Module, student: nn.Module, prepared: Prepared) -> None:
@@ -188,7 +186,7 @@ class Run:
         distiller = Distiller(model, teacher, terms_from(stage))
         loader = train_loader(self.recipe, prepared, spec.batch_size, seed)
         first = next(iter(loader))
-        transform = mixup_transform(stage.mixup_alpha) if stage.mixup_alpha else None
+        transform = stage_transform(self.recipe, stage)
         report = distiller.dry_run(transform(first, torch.Generator().manual_seed(0)) if transform else first)
         if report.problems:
             raise DistillError(f"{name}: " + "; ".join(report.problems))
@@ -242,6 +240,8 @@ class Run:
         if self.main:
             atomic_write(self.run_dir / "recipe.yaml", lambda f: f.write(recipe_to_yaml(recipe).encode()))
         prepared = prepare_data(recipe, self.data_dir)
+        if recipe.data.augment.shift and prepared.data.is_image:
+            raise DistillError("data.augment.shift is for 1-D signals; use crop_padding and flip for images")
         self.say(
             f"data: {prepared.data.name}: {len(prepared.train)} train"
             + (f", {len(prepared.val)} validation" if prepared.val is not None else "")

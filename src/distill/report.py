@@ -10,7 +10,7 @@ from distill.checkpoints import atomic_write
 from distill.errors import DistillError
 from distill.logbook import read_metrics
 
-ROLES = (("teacher", "teacher"), ("baseline", "student alone"), ("student", "distilled student"))
+ROLES = (("teacher", "teacher"), ("baseline", "baseline (no teacher)"), ("student", "distilled"))
 
 
 def _pct(summary: dict, key: str) -> str:
@@ -61,7 +61,8 @@ def plot_losses(run_dir: Path, out: Path) -> bool:
     stages = sorted((run_dir / "stages").glob("*/metrics.csv"))
     if not stages:
         return False
-    kinds = sorted({p.parent.name.split("-seed")[0] for p in stages})
+    order = {"teacher": 0, "baseline": 1, "student": 2}
+    kinds = sorted({p.parent.name.split("-seed")[0] for p in stages}, key=lambda k: (order.get(k, 9), k))
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         for path in stages:
@@ -96,7 +97,14 @@ def plot_accuracy_vs_params(results: dict[str, Any], out: Path) -> None:
             continue
         ax.errorbar(s["params"], 100 * s["accuracy"], yerr=100 * s.get("accuracy_std", 0.0),
                     fmt="o", capsize=4, label=label)
+    from matplotlib.ticker import EngFormatter, FixedLocator, NullLocator
+
     ax.set_xscale("log")
+    sizes = sorted({results[r]["params"] for r, _ in ROLES if results.get(r)})
+    ax.xaxis.set_major_locator(FixedLocator(sizes))  # label the models' own sizes
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(EngFormatter(places=2))
+    ax.margins(x=0.3)
     ax.set_xlabel("parameters")
     ax.set_ylabel("test accuracy %")
     ax.legend()

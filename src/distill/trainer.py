@@ -50,6 +50,7 @@ class TrainConfig:
     monitor: str = "val_accuracy"
     monitor_mode: str = "max"
     restore_best: bool = True
+    checkpoint_every: int = 1
     seed: int = 0
     cpu: bool = False
     progress: bool = True
@@ -229,7 +230,12 @@ class Trainer:
                             best_state = copy.deepcopy(unwrapped.state_dict())
                     else:
                         stale += 1
-                if self.checkpoint_path is not None and main:
+                last = epoch + 1 == cfg.epochs or (
+                    cfg.early_stopping_patience is not None and not improved
+                    and stale >= cfg.early_stopping_patience
+                )
+                due = (epoch + 1) % cfg.checkpoint_every == 0 or last
+                if self.checkpoint_path is not None and main and due:
                     save_checkpoint(
                         {
                             "model": unwrapped.state_dict(),

@@ -85,3 +85,20 @@ def mixup_inputs(x: torch.Tensor, generator: torch.Generator, alpha: float) -> t
     lam = np.random.default_rng(seed).beta(alpha, alpha, size=b)
     lam = torch.as_tensor(lam, dtype=x.dtype).to(x.device).reshape((b,) + (1,) * (x.dim() - 1))
     return lam * x + (1 - lam) * x[perm.to(x.device)]
+
+
+def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
+    """Shift each 1-D signal by a random ``-max_shift..max_shift`` steps, repeating the edge value.
+
+    ``x``: ``[B, L]`` or ``[B, C, L]`` (the last dimension is time); returns the same shape. The
+    usual augmentation for MNIST-1D-like sequences.
+    """
+    if max_shift <= 0:
+        return x
+    length = x.shape[-1]
+    shifts = torch.randint(-max_shift, max_shift + 1, (x.shape[0],), generator=generator).to(x.device)
+    positions = torch.arange(length, device=x.device)[None, :] - shifts[:, None]  # [B, L]
+    positions = positions.clamp_(0, length - 1)
+    if x.dim() == 3:
+        positions = positions[:, None, :].expand(-1, x.shape[1], -1)
+    return x.gather(-1, positions)

@@ -9,6 +9,13 @@ Determinism contract (it makes resume exact and makes N-process runs equal 1-pro
   whole global batch and sliced the same way.
 
 So the batches of every rank, interleaved, are exactly the single-process batch.
+
+Replayed views (``views=K``; FKD, Shen & Xing 2022, "A Fast Knowledge Distillation Framework for
+Visual Recognition"): each sample ``i`` has ``K`` fixed augmented versions. In epoch ``e`` it is shown
+as view ``v``, a deterministic function of ``(seed, e, i)``, and view ``(i, v)`` is augmented with
+draws from a counter-based generator keyed by ``(seed, i, v)`` only, independent of epoch, batch and
+rank. The same ``(i, v)`` is therefore always the same input, so a teacher cache built once over
+every view (:func:`distill.cache.build_cache`) replays exactly what the teacher saw.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import hashlib
 import math
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from distill.data.augment import apply_crop_flip, crop_flip_params
@@ -32,6 +40,36 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_FIELD = np.uint64((1 << 20) - 1)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a ``uint64`` array (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _MIX1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_hash(key: int, *counters: np.ndarray | int) -> np.ndarray:
+    """64 random-looking bits per element, a pure function of ``key`` and the counters.
+
+    A counter-based generator: element ``j`` depends on ``(key, counters[0][j], counters[1][j], ...)``
+    only, so one vectorised call gives every sample the draws a generator seeded by its own counters
+    would, whatever batch it sits in. Counters broadcast; returns ``uint64`` of their shape.
+    """
+    # at least 1-D: numpy warns on overflow of scalars, and wrapping is what we want
+    arrays = [np.atleast_1d(np.asarray(c)).astype(np.uint64) for c in counters]
+    h = np.full(np.broadcast_shapes(*(a.shape for a in arrays)), np.uint64(key & (2**64 - 1)), np.uint64)
+    for a in arrays:
+        h = _mix64(h ^ _mix64(a + _GOLDEN))
+    return h
+
+
 class BatchLoader:
     """Batches of an :class:`ArrayDataset` as ``{"input", "target", "index"}`` dicts.
 
@@ -41,6 +79,10 @@ class BatchLoader:
     the samples' positions in ``dataset``. ``b`` is ``batch_size / world_size`` (the last batch may
     be smaller unless ``drop_last``). ``rank`` and ``world_size`` may be set after construction
     (the trainer does so); ``batch_size`` must be divisible by ``world_size``.
+
+    ``views=K`` replays ``K`` fixed augmented views per sample (see the module docstring); batches
+    then also hold ``"view"``: int64 ``[b]``, and :meth:`view_inputs` gives any sample's view.
+    ``views=None`` (the default) draws fresh augmentation every epoch.
     """
 
     def __init__(
@@ -56,9 +98,12 @@ class BatchLoader:
         augment: dict | None = None,
         rank: int = 0,
         world_size: int = 1,
+        views: int | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DistillError(f"batch size must be a positive integer, got {batch_size!r}")
+        if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 1):
+            raise DistillError(f"views must be a positive integer (or None for fresh augmentation), got {views!r}")
         if (mean is None) != (std is None):
             raise DistillError("give both mean and std for normalisation, or neither")
         self.dataset = dataset
@@ -68,6 +113,7 @@ class BatchLoader:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.views = views
         self.epoch = 0
         self._inputs = dataset.inputs
         self._targets = dataset.targets.long()
@@ -129,10 +175,54 @@ class BatchLoader:
         generator = torch.Generator().manual_seed(derive_seed("order", self.seed, epoch))
         return torch.randperm(n, generator=generator)
 
+    @property
+    def augmenting(self) -> bool:
+        """Whether inputs are cropped or flipped."""
+        return self.padding > 0 or self.flip
+
+    def epoch_views(self, index: torch.Tensor, epoch: int | None = None) -> torch.Tensor:
+        """Which view each of the samples ``index`` is shown as in ``epoch`` (default: the current
+        one): int64 ``[b]`` in ``[0, views)``, a function of ``(seed, epoch, index)`` only."""
+        if self.views is None:
+            raise DistillError("this loader draws fresh augmentation each epoch; build it with views=K to replay views")
+        epoch = self.epoch if epoch is None else epoch
+        bits = counter_hash(derive_seed("view", self.seed), epoch, index.cpu().numpy())
+        return torch.from_numpy((bits % np.uint64(self.views)).astype(np.int64))
+
+    def view_inputs(self, index: torch.Tensor, view: torch.Tensor | int) -> torch.Tensor:
+        """The inputs of samples ``index`` (int64 ``[b]``) as views ``view`` (int64 ``[b]``, or one
+        int for all): scaled, augmented with the draws of ``(seed, i, v)`` and normalised exactly as
+        batches of a ``views`` loader are. Float32 ``[b, ...]``."""
+        index = torch.as_tensor(index).cpu().long().reshape(-1)
+        view = torch.as_tensor(view).cpu().long()
+        view = view.expand(index.shape) if view.dim() == 0 else view.reshape(-1)
+        if view.shape != index.shape:
+            raise DistillError(f"view_inputs: {len(view)} views for {len(index)} samples")
+        n = len(self._targets)
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise DistillError(f"view_inputs: sample indices must be in [0, {n})")
+        if len(view) and (int(view.min()) < 0 or (self.views is not None and int(view.max()) >= self.views)):
+            raise DistillError(f"view_inputs: views must be in [0, {self.views}), the loader's views")
+        x = self._inputs[index]
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        if self.augmenting:
+            bits = counter_hash(derive_seed("replay", self.seed), index.numpy(), view.numpy())
+            span = np.uint64(2 * self.padding + 1)
+            dy = torch.from_numpy(((bits & _FIELD) % span).astype(np.int64))
+            dx = torch.from_numpy((((bits >> np.uint64(20)) & _FIELD) % span).astype(np.int64))
+            flipped = torch.from_numpy(((bits >> np.uint64(40)) & np.uint64(1)).astype(bool)) & self.flip
+            x = apply_crop_flip(x, (dy, dx, flipped), self.padding)
+        if self._mean is not None:
+            x = (x - self._mean_t) / self._std_t
+        return x
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self._check_ranks()
         order = self.order()
-        augmenting = self.padding > 0 or self.flip
+        if self.views is not None:
+            yield from self._iter_views(order)
+            return
+        augmenting = self.augmenting
         for k in range(len(self)):
             global_index = order[k * self.batch_size:(k + 1) * self.batch_size]
             index = global_index[self.rank::self.world_size]
@@ -145,3 +235,10 @@ class BatchLoader:
             if self._mean is not None:
                 x = (x - self._mean_t) / self._std_t
             yield {"input": x, "target": self._targets[index], "index": index}
+
+    def _iter_views(self, order: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+        # every draw is per sample, so a rank's slice is the single-process batch's slice as it is
+        for k in range(len(self)):
+            index = order[k * self.batch_size:(k + 1) * self.batch_size][self.rank::self.world_size]
+            view = self.epoch_views(index)
+            yield {"input": self.view_inputs(index, view), "target": self._targets[index], "index": index, "view": view}

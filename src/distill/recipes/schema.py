@@ -35,11 +35,13 @@ class TrainSpec(Strict):
     monitor: str = "val_accuracy"
     monitor_mode: Literal["max", "min"] = "max"
     restore_best: bool = False
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last is always saved)")
 
 
 class AugmentSpec(Strict):
-    crop_padding: int = Field(0, ge=0)
-    flip: bool = False
+    crop_padding: int = Field(0, ge=0, description="images: zero-pad then random crop back")
+    flip: bool = Field(False, description="images: random horizontal flip")
+    shift: int = Field(0, ge=0, description="1-D signals: random shift by up to this many steps")
 
 
 class DataSpec(Strict):
