@@ -99,8 +99,10 @@ class StageSpec(Strict):
         return terms
 
 
-def _default_baseline() -> StageSpec:
-    return StageSpec(terms=[TermSpec(name="ce", loss="ce")])
+class BaselineSpec(StageSpec):
+    """The student trained without a teacher: cross-entropy on the labels unless told otherwise."""
+
+    terms: list[TermSpec] = Field(default_factory=lambda: [TermSpec(name="ce", loss="ce")])
 
 
 class EvaluateSpec(Strict):
@@ -118,7 +120,7 @@ class Recipe(Strict):
     teacher: TeacherSpec
     student: ModelSpec
     train: TrainSpec = Field(default_factory=TrainSpec, description="the student's schedule")
-    baseline: StageSpec = Field(default_factory=_default_baseline)
+    baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     distill: StageSpec
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
 
