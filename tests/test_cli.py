@@ -166,3 +166,40 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_cached_teacher_trains_the_same_student_as_the_live_one(finished_run, tmp_path, capsys):
+    tmp, live = finished_run
+    recipe = {**RECIPE, "seeds": [0], "teacher": {**RECIPE["teacher"], "cache": "auto", "cache_dtype": "fp32"}}
+    out = tmp_path / "cached"
+    code, stdout, _ = run_cli(["run", write(tmp_path, recipe), "--out", str(out), "--quiet"], capsys)
+    assert code == 0 and "teacher cache: building" in stdout
+    assert (out / "teacher-cache" / "header.json").exists()
+    from safetensors.torch import load_file
+
+    a = load_file(live / "stages" / "student-seed0" / "student.safetensors")
+    b = load_file(out / "stages" / "student-seed0" / "student.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cache_command_and_fingerprint_refusal(finished_run, tmp_path, capsys):
+    tmp, live = finished_run
+    recipe_path = write(tmp_path, {**RECIPE, "seeds": [0]})
+    cache = tmp_path / "cache"
+    teacher = f"teacher.weights={live / 'teacher.safetensors'}"
+    code, stdout, _ = run_cli(["cache", recipe_path, "--set", teacher, "--out", str(cache)], capsys)
+    assert code == 0 and "teacher cache:" in stdout
+    code, _, err = run_cli(["check", recipe_path, "--set", teacher, "--set", f"teacher.cache={cache}"], capsys)
+    assert code == 0, err
+    # a cache made by another teacher is refused
+    torch.manual_seed(5)
+    from distill.models import create_model, save_weights
+
+    other = tmp_path / "other.safetensors"
+    save_weights(create_model("mlp", 10, (1, 8, 8), hidden=[64]), other)
+    code, _, err = run_cli(["run", recipe_path, "--set", f"teacher.weights={other}", "--set",
+                            f"teacher.cache={cache}", "--set", "teacher.train=null",
+                            "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert code == 2 and "teacher weights" in err
+    code, _, err = run_cli(["cache", recipe_path, "--out", str(tmp_path / "c2")], capsys)
+    assert code == 2 and "needs a trained teacher" in err

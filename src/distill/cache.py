@@ -101,6 +101,10 @@ def resolve_views(loader: BatchLoader, views: int | None = None) -> int:
     return views
 
 
+def views_in_use(loader: BatchLoader) -> bool:
+    return getattr(loader, "views", None) is not None
+
+
 def _transforms(loader: BatchLoader, views: int) -> dict[str, Any]:
     described: dict[str, Any] = {
         "scale": "uint8/255" if loader.dataset.inputs.dtype == torch.uint8 else "none",
@@ -113,7 +117,7 @@ def _transforms(loader: BatchLoader, views: int) -> dict[str, Any]:
     # the seed picks the crops and flips; without augmentation it changes no input the teacher saw,
     # so a cache stays valid for runs with another seed
     if loader.augmenting:
-        described["seed"] = loader.seed
+        described["seed"] = loader.view_seed if views_in_use(loader) else loader.seed
     return described
 
 

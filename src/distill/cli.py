@@ -3,6 +3,7 @@
     distill demo                      the whole pipeline on offline data, in under two minutes
     distill run RECIPE [--set k=v]    teacher → baseline → distilled student → report
     distill check RECIPE              one-batch dry run: taps, adapters, term values, gradients
+    distill cache RECIPE --out DIR    run the teacher once, store its outputs for training
     distill report RUN_DIR            print the table of a finished run and rewrite report.md
     distill list                      models, losses, data sets and preset recipes
 
@@ -107,6 +108,29 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from distill.pipeline import build_model, make_cache, prepare_data
+
+    console = _console()
+    recipe = _load(args)
+    if recipe.teacher.weights is None:
+        raise DistillError(
+            "distill cache needs a trained teacher: set teacher.weights (for example "
+            "--set teacher.weights=runs/NAME/teacher.safetensors from a finished run)"
+        )
+    started = time.perf_counter()
+    prepared = prepare_data(recipe, args.data_dir)
+    teacher = build_model(recipe.teacher, prepared.data, recipe.seeds[0])
+    path = make_cache(recipe, teacher, prepared, args.out)
+    size = sum(f.stat().st_size for f in Path(path).iterdir())
+    console.print(
+        f"teacher cache: {path} ({len(prepared.train)} samples x {recipe.data.views or 1} view(s), "
+        f"{size / 2**20:.1f} MiB, {time.perf_counter() - started:.1f} s); use it with "
+        f"--set teacher.cache={path}"
+    )
+    return 0
+
+
 def cmd_report(args) -> int:
     from distill.report import load_results, write_report
 
@@ -162,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     recipe_options(p)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("cache", help="run the teacher once over the training data and store its outputs")
+    p.add_argument("recipe")
+    recipe_options(p)
+    p.add_argument("--out", required=True, help="the cache directory to write")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("report", help="print and rewrite the report of a finished run")
     p.add_argument("run_dir")

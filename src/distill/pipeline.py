@@ -73,11 +73,11 @@ def prepare_data(recipe: Recipe, data_dir: str | Path | None) -> Prepared:
     data = load_dataset(spec.name, data_dir, **spec.options)
     train = data.train
     if spec.train_subset is not None and spec.train_subset < len(train):
-        gen = torch.Generator().manual_seed(recipe.seeds[0] + 7919)
+        gen = torch.Generator().manual_seed(spec.seed + 7919)
         train = train.subset(torch.randperm(len(train), generator=gen)[: spec.train_subset])
     val = None
     if spec.val_fraction > 0:
-        train, val = split_validation(train, spec.val_fraction, seed=recipe.seeds[0])
+        train, val = split_validation(train, spec.val_fraction, seed=spec.seed)
     kwargs = dict(mean=data.mean, std=data.std)
     test_loader = BatchLoader(data.test, spec.eval_batch_size, shuffle=False, **kwargs)
     val_loader = BatchLoader(val, spec.eval_batch_size, shuffle=False, **kwargs) if val is not None else None
@@ -89,7 +89,38 @@ def train_loader(recipe: Recipe, prepared: Prepared, batch_size: int, seed: int)
     return BatchLoader(
         prepared.train, batch_size, shuffle=True, seed=seed, drop_last=len(prepared.train) > batch_size,
         mean=prepared.data.mean, std=prepared.data.std, augment=augment,
+        views=recipe.data.views, view_seed=recipe.data.seed,
     )
+
+
+def teacher_taps(recipe: Recipe) -> list[str]:
+    """The teacher taps the distill stage reads (what a cache must hold besides logits)."""
+    from distill.losses import get_loss
+
+    return list(dict.fromkeys(
+        t.teacher for t in recipe.distill.terms if get_loss(t.loss).needs_teacher and t.teacher != "logits"
+    ))
+
+
+def make_cache(recipe: Recipe, teacher: nn.Module, prepared: Prepared, path: str | Path) -> Path:
+    """Run ``teacher`` once over the training set (every replayed view) and store its outputs."""
+    from distill.cache import build_cache
+
+    loader = train_loader(recipe, prepared, recipe.train.batch_size, recipe.seeds[0])
+    return build_cache(
+        teacher, loader, path, taps=teacher_taps(recipe), topk=recipe.teacher.cache_topk,
+        dtype=recipe.teacher.cache_dtype,
+    )
+
+
+def open_cache(recipe: Recipe, teacher: nn.Module, prepared: Prepared, path: str | Path):
+    """The cache at ``path``, refused unless it was made by this teacher on this data and transforms."""
+    from distill.cache import TeacherCache, fingerprint
+
+    loader = train_loader(recipe, prepared, recipe.train.batch_size, recipe.seeds[0])
+    if not Path(path).exists():
+        raise DistillError(f"teacher cache {path} does not exist; build it with `distill cache RECIPE --out {path}`")
+    return TeacherCache(path, expect_fingerprint=fingerprint(teacher, loader))
 
 
 def stage_transform(recipe: Recipe, stage: StageSpec | None):
@@ -148,6 +179,7 @@ class Run:
         self.state = PartialState()
         self.main = self.state.is_main_process
         self._check_function_matching()
+        self._check_cache()
         exists = self.run_dir.exists() and any(self.run_dir.iterdir())
         self.state.wait_for_everyone()
         if exists and not resume and not overwrite:
@@ -160,6 +192,22 @@ class Run:
                 shutil.rmtree(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state.wait_for_everyone()
+
+    def _check_cache(self) -> None:
+        recipe = self.recipe
+        if recipe.teacher.cache is None:
+            return
+        if recipe.data.augment.shift or recipe.distill.mixup_alpha:
+            raise DistillError(
+                "teacher.cache cannot serve data.augment.shift or distill.mixup_alpha: those change the "
+                "inputs after the teacher saw them; drop them or use the live teacher"
+            )
+        augmenting = recipe.data.augment.crop_padding or recipe.data.augment.flip
+        if augmenting and recipe.data.views is None:
+            raise DistillError(
+                "teacher.cache with crop/flip augmentation needs data.views (e.g. 10): the student "
+                "must replay the augmented views the teacher saw"
+            )
 
     def _check_function_matching(self) -> None:
         stage = self.recipe.distill
@@ -230,6 +278,20 @@ class Run:
         self.state.wait_for_everyone()
         return teacher
 
+    def _signal(self, teacher: nn.Module, prepared: Prepared):
+        spec = self.recipe.teacher
+        if spec.cache is None:
+            return LiveTeacher(teacher, precision=spec.precision, device=spec.device)
+        path = Path(spec.cache)
+        if spec.cache == "auto":
+            path = self.run_dir / "teacher-cache"
+            if not (self.resume and path.exists()):
+                if self.main:
+                    self.say(f"teacher cache: building {path}")
+                    make_cache(self.recipe, teacher, prepared, path)
+                self.state.wait_for_everyone()
+        return open_cache(self.recipe, teacher, prepared, path)
+
     def _evaluate(self, model: nn.Module, prepared: Prepared, teacher_logits) -> dict[str, float]:
         logits, targets = predict(model, prepared.test_loader)
         return classification_metrics(logits, targets, teacher_logits)
@@ -252,7 +314,7 @@ class Run:
         teacher_logits, targets = predict(teacher, prepared.test_loader)
         teacher_metrics = classification_metrics(teacher_logits, targets)
         self.say(f"teacher: test accuracy {100 * teacher_metrics['accuracy']:.2f}%")
-        signal = LiveTeacher(teacher, precision=recipe.teacher.precision, device=recipe.teacher.device)
+        signal = self._signal(teacher, prepared)
 
         per_seed: dict[str, list[dict[str, float]]] = {"baseline": [], "student": []}
         student_model = None

@@ -99,6 +99,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         views: int | None = None,
+        view_seed: int | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DistillError(f"batch size must be a positive integer, got {batch_size!r}")
@@ -114,6 +115,9 @@ class BatchLoader:
         self.rank = rank
         self.world_size = world_size
         self.views = views
+        # the crops and flips of view (i, v) come from view_seed: a fixed data seed lets runs with
+        # other shuffling seeds replay the views a teacher cache was built on
+        self.view_seed = self.seed if view_seed is None else int(view_seed)
         self.epoch = 0
         self._inputs = dataset.inputs
         self._targets = dataset.targets.long()
@@ -206,7 +210,7 @@ class BatchLoader:
         x = self._inputs[index]
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         if self.augmenting:
-            bits = counter_hash(derive_seed("replay", self.seed), index.numpy(), view.numpy())
+            bits = counter_hash(derive_seed("replay", self.view_seed), index.numpy(), view.numpy())
             span = np.uint64(2 * self.padding + 1)
             dy = torch.from_numpy(((bits & _FIELD) % span).astype(np.int64))
             dx = torch.from_numpy((((bits >> np.uint64(20)) & _FIELD) % span).astype(np.int64))

@@ -47,6 +47,11 @@ class AugmentSpec(Strict):
 class DataSpec(Strict):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
+    seed: int = Field(0, description="picks the training subset, the validation split and replayed views")
+    views: int | None = Field(
+        None, ge=1,
+        description="replay this many fixed augmented views per sample (needed to cache an augmenting teacher)",
+    )
     val_fraction: float = Field(0.0, ge=0, lt=1)
     train_subset: int | None = Field(None, ge=1, description="use only this many training samples")
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
@@ -75,6 +80,13 @@ class TeacherSpec(ModelSpec):
     train: TrainSpec | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str | None = None
+    cache: str | None = Field(
+        None,
+        description="a teacher cache (from `distill cache`) to read instead of running the teacher; "
+        "'auto' builds one in the run directory",
+    )
+    cache_topk: int | None = Field(None, ge=1, description="store only the top-k classes and the tail mass")
+    cache_dtype: Literal["fp16", "fp32"] = "fp16"
 
 
 class StageSpec(Strict):
