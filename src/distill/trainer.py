@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     cpu: bool = False
     progress: bool = True
+    tensorboard: bool = True  # event files under run_dir/tensorboard when tensorboard is installed
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
@@ -144,7 +145,7 @@ class Trainer:
         main = accelerator.is_main_process
         log = MetricsLog(
             self.run_dir / "metrics.csv" if (self.run_dir and main) else None,
-            self.run_dir / "tensorboard" if (self.run_dir and main and cfg.progress) else None,
+            self.run_dir / "tensorboard" if (self.run_dir and main and cfg.tensorboard) else None,
         )
         start_epoch, best, stale, best_state = 0, None, 0, None
         unwrapped = accelerator.unwrap_model(model)

@@ -227,9 +227,13 @@ class BatchLoader:
             yield from self._iter_views(order)
             return
         augmenting = self.augmenting
+        prepared = None if augmenting else self._prepared_inputs()
         for k in range(len(self)):
             global_index = order[k * self.batch_size:(k + 1) * self.batch_size]
             index = global_index[self.rank::self.world_size]
+            if prepared is not None:
+                yield {"input": prepared[index], "target": self._targets[index], "index": index}
+                continue
             x = self._inputs[index]
             x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
             if augmenting:
@@ -239,6 +243,21 @@ class BatchLoader:
             if self._mean is not None:
                 x = (x - self._mean_t) / self._std_t
             yield {"input": x, "target": self._targets[index], "index": index}
+
+    _PREPARE_LIMIT = 1 << 30  # bytes of float32 inputs worth holding to skip per-batch conversion
+
+    def _prepared_inputs(self) -> torch.Tensor | None:
+        """Without augmentation every epoch converts the same inputs: do it once (scaled and
+        normalised float32), unless that would take more than a GiB."""
+        if self._inputs.numel() * 4 > self._PREPARE_LIMIT:
+            return None
+        if getattr(self, "_prepared", None) is None:
+            x = self._inputs
+            x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+            if self._mean is not None:
+                x = (x - self._mean_t) / self._std_t
+            self._prepared = x.contiguous()
+        return self._prepared
 
     def _iter_views(self, order: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
         # every draw is per sample, so a rank's slice is the single-process batch's slice as it is

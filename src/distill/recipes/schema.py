@@ -36,6 +36,7 @@ class TrainSpec(Strict):
     monitor_mode: Literal["max", "min"] = "max"
     restore_best: bool = False
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last is always saved)")
+    tensorboard: bool = Field(True, description="also log to TensorBoard when it is installed")
 
 
 class AugmentSpec(Strict):

@@ -1,0 +1,266 @@
+"""Benchmark: reproduce Hinton, Vinyals & Dean (2015), MNIST (section 3), with distill.
+
+    python benchmarks/hinton_mnist.py [--threads N] [--quick] [--run-dir DIR] [--data PATH]
+
+Trains the 784-1200-1200-10 teacher (dropout, ±2-pixel jitter) once, caches it once over the
+jittered views (``data.views``), and reuses that one teacher and one cache for every student run:
+
+- the 784-800-800-10 student alone, the paper's baseline: no jitter, no regularisation;
+- the same student alone on the same jittered views the distilled students see;
+- the student distilled at T = 20 (the preset ``hinton-mnist``), and at T = 1, 2, 4, 8;
+- a 784-30-30-10 student alone and distilled at several temperatures (capacity).
+
+Writes ``benchmarks/results/hinton_mnist.json`` (``--out``) and prints a markdown table with the
+paper's test errors (out of 10,000) beside ours. Run directories go to a temporary folder unless
+``--run-dir`` is given. ``--quick`` is a smoke test (a data subset, a few epochs): its numbers mean
+nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import distill
+from distill.logbook import read_metrics
+from distill.pipeline import Run
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESET = "hinton-mnist"
+TEST_SIZE = 10_000
+
+# Test errors out of 10,000 reported by Hinton, Vinyals & Dean (2015), section 3.
+PAPER = {"teacher": 67, "paper-baseline": 146, "distilled-T20": 74}
+
+
+def errors(accuracy: float, n: int = TEST_SIZE) -> int:
+    return round((1.0 - accuracy) * n)
+
+
+def stage_seconds(run_dir: Path, stage: str) -> float:
+    """Training time of one stage: the sum of its epochs' wall times (metrics.csv)."""
+    path = run_dir / "stages" / stage / "metrics.csv"
+    return sum(row["epoch_seconds"] for row in read_metrics(path)) if path.exists() else 0.0
+
+
+class Study:
+    """Runs recipes derived from the preset, one run directory each, and collects table rows."""
+
+    def __init__(self, root: Path, base: list[str], verbose: bool) -> None:
+        self.root = root
+        self.base = base
+        self.verbose = verbose
+        self.runs: list[dict] = []
+        self.rows: list[dict] = []
+
+    def run(self, name: str, overrides: list[str]) -> tuple[dict, Path, float]:
+        recipe = distill.load_recipe(PRESET, self.base + overrides)
+        run_dir = self.root / name
+        started = time.perf_counter()
+        results = Run(recipe, run_dir, overwrite=True, progress=False, console=_Console(name) if self.verbose else None).execute()
+        wall = time.perf_counter() - started
+        self.runs.append({"run": name, "overrides": overrides, "wall_seconds": round(wall, 1)})
+        print(f"[{name}] {wall:.1f} s", flush=True)
+        return results, run_dir, wall
+
+    def add(self, key: str, label: str, results: dict, role: str, run_dir: Path, *, model: str,
+            temperature: float | None, augment: str, seeds: list[int] | None) -> dict:
+        summary = results[role]
+        if role == "teacher":
+            accuracies, seconds = [summary["accuracy"]], stage_seconds(run_dir, "teacher")
+        else:
+            accuracies = summary["per_seed"]["accuracy"]
+            seconds = sum(stage_seconds(run_dir, f"{role}-seed{s}") for s in seeds)
+        errs = [errors(a) for a in accuracies]
+        row = {
+            "key": key,
+            "label": label,
+            "model": model,
+            "params": summary["params"],
+            "temperature": temperature,
+            "augment": augment,
+            "seeds": seeds,
+            "errors_per_seed": errs,
+            "errors_mean": statistics.fmean(errs),
+            "errors_std": statistics.stdev(errs) if len(errs) > 1 else None,
+            "accuracy": summary["accuracy"],
+            "accuracy_std": summary.get("accuracy_std"),
+            "agreement_with_teacher": summary.get("agreement"),
+            "train_seconds": round(seconds, 1),
+            "paper_errors": PAPER.get(key),
+            "run": run_dir.name,
+        }
+        self.rows.append(row)
+        return row
+
+
+class _Console:
+    """Prints a run's progress lines with the run's name and the time."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.started = time.perf_counter()
+
+    def print(self, message: str) -> None:
+        print(f"  [{self.name} +{time.perf_counter() - self.started:6.1f}s] {message}", flush=True)
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(teacher_epochs=2, student_epochs=1, views=2, seeds=[0], sweep_seeds=[0],
+                    subset=["data.train_subset=4000"])
+    return dict(teacher_epochs=None, student_epochs=None, views=None, seeds=[0, 1, 2], sweep_seeds=[0],
+                subset=[])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: a subset and a few epochs")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist"),
+                        help="folder holding the four MNIST IDX files")
+    parser.add_argument("--run-dir", default=None, help="where the run directories go (default: a temp folder)")
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/hinton_mnist.json)")
+    parser.add_argument("--sweep-seeds", default=None, help="seeds of the temperature sweep and the 30-30 "
+                        "student, comma-separated (default: 0)")
+    parser.add_argument("--tiny-temperatures", default="1,2.5,4,8,20")
+    parser.add_argument("--sweep-temperatures", default="1,2,4,8")
+    parser.add_argument("--verbose", action="store_true", help="print each run's progress lines")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    cfg = settings(args.quick)
+    if args.sweep_seeds:
+        cfg["sweep_seeds"] = [int(s) for s in args.sweep_seeds.split(",")]
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
+        "hinton_mnist_quick.json" if args.quick else "hinton_mnist.json")
+    root = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="distill-hinton-"))
+    root.mkdir(parents=True, exist_ok=True)
+
+    base = [f"data.options.path={args.data}", f"threads={args.threads}", *cfg["subset"]]
+    if cfg["teacher_epochs"]:
+        base += [f"teacher.train.epochs={cfg['teacher_epochs']}", f"train.epochs={cfg['student_epochs']}",
+                 f"data.views={cfg['views']}"]
+    preset = distill.load_recipe(PRESET, base)
+    # one checkpoint per stage (the last epoch) instead of one per epoch: nothing here resumes
+    base += [f"teacher.train.checkpoint_every={preset.teacher.train.epochs}",
+             f"train.checkpoint_every={preset.train.epochs}"]
+    study = Study(root, base, args.verbose)
+    seeds, sweep_seeds = cfg["seeds"], cfg["sweep_seeds"]
+    only_distill = ["baseline.enabled=false"]
+    only_baseline = ["distill.enabled=false"]
+    no_latency = ["evaluate.latency=false"]
+    started = time.perf_counter()
+
+    # 1. the teacher, trained once, and its cache over every jittered view, built once
+    results, teacher_dir, _ = study.run("teacher", ["seeds=[0]", *only_distill, *only_baseline])
+    study.add("teacher", "teacher 1200-1200, dropout, ±2 px jitter", results, "teacher", teacher_dir,
+              model="hinton-teacher", temperature=None, augment="jitter (views)", seeds=None)
+    reuse = [f"teacher.weights={teacher_dir / 'teacher.safetensors'}", "teacher.train=null",
+             f"teacher.cache={teacher_dir / 'teacher-cache'}"]
+
+    # 2. the main rows: the student alone on the same views, and distilled at T = 20, 3 seeds
+    results, run_dir, _ = study.run("main", [*reuse, f"seeds={seeds}"])
+    study.add("same-aug-baseline", "student 800-800 alone, same jittered views", results, "baseline", run_dir,
+              model="hinton-student", temperature=None, augment="jitter (views)", seeds=seeds)
+    study.add("distilled-T20", "student 800-800 distilled, T = 20", results, "student", run_dir,
+              model="hinton-student", temperature=20.0, augment="jitter (views)", seeds=seeds)
+
+    # 3. the paper's baseline: the student alone, no jitter, no regularisation
+    results, run_dir, _ = study.run("paper-baseline", [
+        f"teacher.weights={teacher_dir / 'teacher.safetensors'}", "teacher.train=null", "teacher.cache=null",
+        "data.augment.crop_padding=0", "data.views=null", f"seeds={seeds}", *only_baseline])
+    study.add("paper-baseline", "student 800-800 alone, no jitter (paper's baseline)", results, "baseline",
+              run_dir, model="hinton-student", temperature=None, augment="none", seeds=seeds)
+
+    # 4. temperature sweep of the 800-800 student
+    for t in [float(x) for x in args.sweep_temperatures.split(",") if x]:
+        results, run_dir, _ = study.run(f"student-T{t:g}", [
+            *reuse, f"seeds={sweep_seeds}", *only_distill, *no_latency,
+            f"distill.terms.1.params.temperature={t}"])
+        study.add(f"distilled-T{t:g}", f"student 800-800 distilled, T = {t:g}", results, "student", run_dir,
+                  model="hinton-student", temperature=t, augment="jitter (views)", seeds=sweep_seeds)
+
+    # 5. capacity: the 30-30 student alone (same views) and distilled at several temperatures
+    for i, t in enumerate(float(x) for x in args.tiny_temperatures.split(",") if x):
+        stages = [] if i == 0 else only_distill
+        results, run_dir, _ = study.run(f"tiny-T{t:g}", [
+            *reuse, "student.model=hinton-tiny", f"seeds={sweep_seeds}", *stages, *no_latency,
+            f"distill.terms.1.params.temperature={t}"])
+        if i == 0:
+            study.add("tiny-same-aug-baseline", "student 30-30 alone, same jittered views", results, "baseline",
+                      run_dir, model="hinton-tiny", temperature=None, augment="jitter (views)", seeds=sweep_seeds)
+        study.add(f"tiny-distilled-T{t:g}", f"student 30-30 distilled, T = {t:g}", results, "student", run_dir,
+                  model="hinton-tiny", temperature=t, augment="jitter (views)", seeds=sweep_seeds)
+
+    wall = time.perf_counter() - started
+    record = {
+        "benchmark": "Hinton, Vinyals & Dean (2015), MNIST: teacher, student alone, distilled student",
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "quick": args.quick,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "wall_seconds": round(wall, 1),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "recipe": PRESET,
+            "base_overrides": base,
+            "teacher": preset.teacher.model_dump(mode="json", exclude={"kwargs"}),
+            "student_train": preset.train.model_dump(mode="json"),
+            "views": preset.data.views,
+            "crop_padding": preset.data.augment.crop_padding,
+            "distill_terms": [t.model_dump(mode="json") for t in preset.distill.terms],
+        },
+        "paper": {"teacher": 67, "student_alone": 146, "distilled": 74, "test_set": TEST_SIZE},
+        "rows": study.rows,
+        "runs": study.runs,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    table = markdown(study.rows)
+    print()
+    print(table)
+    print(f"\nwhole benchmark: {wall:.1f} s wall on {torch.get_num_threads()} threads; results: {out}")
+    print(f"run directories: {root}")
+    return 0
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| run | params | T | seeds | test errors (of 10,000) | paper | accuracy % | agreement % | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        errs = f"{r['errors_mean']:.1f} ± {r['errors_std']:.1f}" if r["errors_std"] is not None else f"{r['errors_mean']:.0f}"
+        if len(r["errors_per_seed"]) > 1:
+            errs += f" ({', '.join(str(e) for e in r['errors_per_seed'])})"
+        agreement = r["agreement_with_teacher"]
+        lines.append("| " + " | ".join([
+            r["label"], f"{r['params']:,}", f"{r['temperature']:g}" if r["temperature"] else "–",
+            ",".join(str(s) for s in r["seeds"]) if r["seeds"] else "0",
+            errs, str(r["paper_errors"]) if r["paper_errors"] is not None else "–",
+            f"{100 * r['accuracy']:.2f}", f"{100 * agreement:.2f}" if agreement is not None else "–",
+            f"{r['train_seconds']:.0f}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
