@@ -10,7 +10,7 @@ from distill import Distiller, Term, TrainConfig, Trainer
 from distill.data import ArrayDataset, BatchLoader
 
 
-def main(out: str) -> None:
+def main(out: str, processes: int) -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 1, 8, 8, generator=g)
@@ -23,13 +23,17 @@ def main(out: str) -> None:
     distiller = Distiller(student, teacher, [Term("hard", "ce", 0.5), Term("soft", "kd", 0.5),
                                              Term("hint", "hint", student="2", teacher="2")])
     distiller.dry_run(next(iter(loader)))
-    Trainer(distiller, loader, TrainConfig(epochs=3, optimizer="sgd", lr=0.1, progress=False,
-                                           tensorboard=False)).fit()
-    from accelerate import PartialState
+    trainer = Trainer(distiller, loader, TrainConfig(epochs=3, optimizer="sgd", lr=0.1, progress=False,
+                                           tensorboard=False))
+    trainer.fit()
+    assert loader.world_size == processes  # each process really held a shard of every batch
+    from distill.trainer import distributed_state
 
-    if PartialState().is_main_process:
+    state = distributed_state()
+    assert state.num_processes == processes, (state.num_processes, processes)
+    if state.is_main_process:
         save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]))

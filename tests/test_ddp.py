@@ -15,6 +15,14 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 TOLERANCE = 1e-5
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def env():
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
     e.pop("ACCELERATE_MIXED_PRECISION", None)
@@ -29,7 +37,7 @@ def run(cmd, tmp_path):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
-    run([sys.executable, str(WORKER), str(tmp / "one.safetensors")], tmp)
+    run([sys.executable, str(WORKER), str(tmp / "one.safetensors"), "1"], tmp)
     return load_file(tmp / "one.safetensors")
 
 
@@ -41,13 +49,15 @@ def assert_close(a, b):
 
 def test_accelerate_launch_two_processes_match_one(single, tmp_path):
     launcher = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
-    run([launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-         str(WORKER), str(tmp_path / "two.safetensors")], tmp_path)
+    # --multi_gpu is accelerate's data-parallel launcher; on a machine without CUDA distill joins
+    # the processes into a gloo group on the CPU
+    run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         str(WORKER), str(tmp_path / "two.safetensors"), "2"], tmp_path)
     assert_close(single, load_file(tmp_path / "two.safetensors"))
 
 
 def test_torchrun_two_processes_match_one(single, tmp_path):
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-         str(WORKER), str(tmp_path / "two.safetensors")], tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(WORKER), str(tmp_path / "two.safetensors"), "2"], tmp_path)
     assert_close(single, load_file(tmp_path / "two.safetensors"))

@@ -28,7 +28,7 @@ from distill.recipes.loader import recipe_to_yaml
 from distill.recipes.schema import ModelSpec, Recipe, StageSpec, TrainSpec
 from distill.signals import LiveTeacher
 from distill.tasks.classification import classification_metrics, predict
-from distill.trainer import TrainConfig, Trainer
+from distill.trainer import TrainConfig, Trainer, distributed_state
 
 
 def free_cores() -> int:
@@ -174,9 +174,7 @@ class Run:
         self.progress = progress
         self.console = console
         # Under `accelerate launch` / `torchrun` every process runs this; only the main one writes.
-        from accelerate import PartialState
-
-        self.state = PartialState()
+        self.state = distributed_state()
         self.main = self.state.is_main_process
         self._check_function_matching()
         self._check_cache()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +73,20 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     raise DistillError(f"unknown optimizer '{config.optimizer}'; choose sgd, adam or adamw")
 
 
+def use_cpu(forced: bool = False) -> bool:
+    """Train on the CPU when asked, or when several processes were launched on a machine without
+    CUDA: accelerate then needs ``cpu=True`` to join them into one gloo process group."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return forced or (launched and not torch.cuda.is_available())
+
+
+def distributed_state(cpu: bool = False):
+    """accelerate's process state (rank, world size, main process), started consistently."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu(cpu))
+
+
 def make_accelerator(config: TrainConfig):
     """An ``accelerate.Accelerator`` for ``config``; re-created when precision settings change."""
     from accelerate import Accelerator
@@ -80,7 +95,7 @@ def make_accelerator(config: TrainConfig):
     kwargs = dict(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
-        cpu=config.cpu,
+        cpu=use_cpu(config.cpu),
     )
     try:
         return Accelerator(**kwargs)
