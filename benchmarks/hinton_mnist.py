@@ -1,6 +1,6 @@
 """Benchmark: reproduce Hinton, Vinyals & Dean (2015), MNIST (section 3), with distill.
 
-    python benchmarks/hinton_mnist.py [--threads N] [--quick] [--run-dir DIR] [--data PATH]
+    python benchmarks/hinton_mnist.py [--threads N] [--quick] [--run-dir DIR [--resume]] [--data PATH]
 
 Trains the 784-1200-1200-10 teacher (dropout, ±2-pixel jitter) once, caches it once over the
 jittered views (``data.views``), and reuses that one teacher and one cache for every student run:
@@ -56,8 +56,9 @@ def stage_seconds(run_dir: Path, stage: str) -> float:
 class Study:
     """Runs recipes derived from the preset, one run directory each, and collects table rows."""
 
-    def __init__(self, root: Path, base: list[str], verbose: bool) -> None:
+    def __init__(self, root: Path, base: list[str], verbose: bool, resume: bool = False) -> None:
         self.root = root
+        self.resume = resume
         self.base = base
         self.verbose = verbose
         self.runs: list[dict] = []
@@ -67,7 +68,9 @@ class Study:
         recipe = distill.load_recipe(PRESET, self.base + overrides)
         run_dir = self.root / name
         started = time.perf_counter()
-        results = Run(recipe, run_dir, overwrite=True, progress=False, console=_Console(name) if self.verbose else None).execute()
+        console = _Console(name) if self.verbose else None
+        resume = self.resume and run_dir.exists()
+        results = Run(recipe, run_dir, overwrite=not resume, resume=resume, progress=False, console=console).execute()
         wall = time.perf_counter() - started
         self.runs.append({"run": name, "overrides": overrides, "wall_seconds": round(wall, 1)})
         print(f"[{name}] {wall:.1f} s", flush=True)
@@ -130,11 +133,14 @@ def main() -> int:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist"),
                         help="folder holding the four MNIST IDX files")
     parser.add_argument("--run-dir", default=None, help="where the run directories go (default: a temp folder)")
-    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/hinton_mnist.json)")
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/hinton_mnist.json; "
+                        "a markdown table goes beside it)")
     parser.add_argument("--sweep-seeds", default=None, help="seeds of the temperature sweep and the 30-30 "
                         "student, comma-separated (default: 0)")
     parser.add_argument("--tiny-temperatures", default="1,2.5,4,8,20")
     parser.add_argument("--sweep-temperatures", default="1,2,4,8")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted benchmark in --run-dir: "
+                        "finished stages are kept (their runs' wall times then count only the rest)")
     parser.add_argument("--verbose", action="store_true", help="print each run's progress lines")
     args = parser.parse_args()
 
@@ -142,20 +148,24 @@ def main() -> int:
     cfg = settings(args.quick)
     if args.sweep_seeds:
         cfg["sweep_seeds"] = [int(s) for s in args.sweep_seeds.split(",")]
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        "hinton_mnist_quick.json" if args.quick else "hinton_mnist.json")
     root = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="distill-hinton-"))
     root.mkdir(parents=True, exist_ok=True)
+    # a smoke test's numbers mean nothing: they stay beside its run directories
+    out = Path(args.out) if args.out else (root / "hinton_mnist_quick.json" if args.quick
+                                           else ROOT / "benchmarks" / "results" / "hinton_mnist.json")
 
     base = [f"data.options.path={args.data}", f"threads={args.threads}", *cfg["subset"]]
     if cfg["teacher_epochs"]:
         base += [f"teacher.train.epochs={cfg['teacher_epochs']}", f"train.epochs={cfg['student_epochs']}",
                  f"data.views={cfg['views']}"]
     preset = distill.load_recipe(PRESET, base)
-    # one checkpoint per stage (the last epoch) instead of one per epoch: nothing here resumes
+    # one checkpoint per stage (its last epoch) instead of one per epoch, which costs time here;
+    # --resume therefore keeps finished stages and restarts an interrupted one from its start
     base += [f"teacher.train.checkpoint_every={preset.teacher.train.epochs}",
              f"train.checkpoint_every={preset.train.epochs}"]
-    study = Study(root, base, args.verbose)
+    if args.resume and not args.run_dir:
+        parser.error("--resume needs the --run-dir of the interrupted benchmark")
+    study = Study(root, base, args.verbose, args.resume)
     seeds, sweep_seeds = cfg["seeds"], cfg["sweep_seeds"]
     only_distill = ["baseline.enabled=false"]
     only_baseline = ["distill.enabled=false"]
@@ -208,6 +218,7 @@ def main() -> int:
         "benchmark": "Hinton, Vinyals & Dean (2015), MNIST: teacher, student alone, distilled student",
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
         "quick": args.quick,
+        "resumed": args.resume,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "wall_seconds": round(wall, 1),
         "machine": {
@@ -234,6 +245,9 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     table = markdown(study.rows)
+    out.with_suffix(".md").write_text(
+        f"# {record['benchmark']}\n\n`{record['command']}`: {wall:.0f} s wall, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}, {record['date']}.\n\n{table}\n")
     print()
     print(table)
     print(f"\nwhole benchmark: {wall:.1f} s wall on {torch.get_num_threads()} threads; results: {out}")

@@ -30,6 +30,7 @@ The **fingerprint** hashes the teacher's weights, the data and the transforms; a
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -44,7 +45,7 @@ import torch
 from numpy.lib.format import open_memmap
 from torch import nn
 
-from distill.checkpoints import atomic_write
+from distill.checkpoints import atomic_write, fault_point, fsync_dir
 from distill.data.loader import BatchLoader
 from distill.errors import DistillError
 from distill.signals import Batch, Feed, LiveTeacher, default_feed
@@ -163,19 +164,6 @@ def _sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class _ArrayWriter:
     """One ``.npy`` array filled batch by batch through a memory map, renamed into place on close."""
 
@@ -227,15 +215,19 @@ def _check_destination(path: Path) -> None:
 def _install(tmp: Path, path: Path) -> None:
     """Move the finished ``tmp`` directory onto ``path``, replacing an older cache there."""
     if path.is_dir() and any(path.iterdir()):
+        # Linux cannot rename a directory over a non-empty one: move the old cache aside first.
+        # A crash between the two renames leaves it as NAME.old-*, which a reader names.
         old = path.with_name(f"{path.name}.old-{secrets.token_hex(4)}")
         os.replace(path, old)
+        fault_point("cache-install")  # tests: DISTILL_FAULT=cache-install:N kills the build here
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
     else:
         if path.is_dir():
             path.rmdir()
         os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+    for old in _set_aside(path):  # this one and any left by an interrupted replacement
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -317,6 +309,7 @@ def build_cache(
                             "to give the same shape"
                         )
                 _write_batch(writers, out, tap_names, start, v, topk, store)
+                fault_point("cache-write")  # tests: DISTILL_FAULT=cache-write:N kills the build here
                 done += len(index)
                 if progress is not None:
                     progress(done, total)
@@ -336,7 +329,7 @@ def build_cache(
             "fingerprint": stamp,
         }
         atomic_write(tmp / HEADER, lambda f: f.write(json.dumps(header, indent=2).encode()))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _install(tmp, path)
     except BaseException:
         for writer in writers.values():
@@ -407,7 +400,14 @@ def _write_batch(
 def _unfinished_builds(path: Path) -> list[Path]:
     if not path.parent.is_dir():
         return []
-    return sorted(path.parent.glob(f"{path.name}.tmp-*"))
+    return sorted(path.parent.glob(f"{glob.escape(path.name)}.tmp-*"))
+
+
+def _set_aside(path: Path) -> list[Path]:
+    """Old caches moved aside by :func:`_install` (one is left only if it was interrupted)."""
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(f"{glob.escape(path.name)}.old-*"))
 
 
 class TeacherCache:
@@ -464,7 +464,12 @@ class TeacherCache:
                 f"{path} is an unfinished teacher cache (its build was interrupted); run `distill cache` again"
             )
         if not path.is_dir():
-            unfinished = _unfinished_builds(path)
+            unfinished, aside = _unfinished_builds(path), _set_aside(path)
+            if aside and _is_cache(aside[-1]):
+                raise DistillError(
+                    f"teacher cache {path} does not exist, but {aside[-1].name} beside it is the cache it "
+                    f"replaced (the replacement was interrupted); rename it to {path.name} or {_REBUILD_HINT}"
+                )
             hint = (
                 f" (found {unfinished[0].name}, an interrupted build)" if unfinished else ""
             )

@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 from distill.checkpoints import atomic_write
+from distill.errors import DistillError
 
 
 class MetricsLog:
@@ -58,6 +59,25 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    """Rows of a metrics CSV, values as floats (empty cells dropped)."""
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+    """Rows of a metrics CSV, values as floats (empty cells dropped); a cell that is not a number
+    is a :class:`DistillError` naming the file, line and column."""
+    rows = []
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                parsed = {}
+                for key, value in row.items():
+                    if value in ("", None) or key is None:  # empty cell, or cells beyond the header
+                        continue
+                    try:
+                        parsed[key] = float(value)
+                    except ValueError:
+                        raise DistillError(
+                            f"metrics file {path} is corrupt: line {reader.line_num}, column '{key}' holds "
+                            f"{value[:40]!r}, not a number"
+                        ) from None
+                rows.append(parsed)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DistillError(f"metrics file {path} is corrupt ({exc})") from None
+    return rows

@@ -45,6 +45,8 @@ class Term:
     adapter: str = "auto"
 
     def __post_init__(self) -> None:
+        if not self.name or "." in self.name:
+            raise DistillError(f"term name {self.name!r} must be non-empty and contain no '.'")
         spec = get_loss(self.loss)
         spec.check_params(self.params)
         if not math.isfinite(self.weight):
@@ -178,7 +180,7 @@ class Distiller(nn.Module):
         for term in self.terms:
             try:
                 value = self.specs[term.name].fn(*self._inputs(term, student, teacher, batch), **term.params)
-            except ValueError as exc:  # shape or parameter mistakes: the user's to fix
+            except (ValueError, TypeError, IndexError) as exc:  # shapes, parameter types, label ranges
                 raise DistillError(f"term '{term.name}' ({term.loss}): {exc}") from None
             parts[term.name] = value
             weighted = term.weight * value

@@ -71,6 +71,8 @@ class Prepared:
 def prepare_data(recipe: Recipe, data_dir: str | Path | None) -> Prepared:
     spec = recipe.data
     data = load_dataset(spec.name, data_dir, **spec.options)
+    if spec.augment.shift and data.is_image:
+        raise DistillError("data.augment.shift is for 1-D signals; use crop_padding and flip for images")
     train = data.train
     if spec.train_subset is not None and spec.train_subset < len(train):
         gen = torch.Generator().manual_seed(spec.seed + 7919)
@@ -300,8 +302,6 @@ class Run:
         if self.main:
             atomic_write(self.run_dir / "recipe.yaml", lambda f: f.write(recipe_to_yaml(recipe).encode()))
         prepared = prepare_data(recipe, self.data_dir)
-        if recipe.data.augment.shift and prepared.data.is_image:
-            raise DistillError("data.augment.shift is for 1-D signals; use crop_padding and flip for images")
         self.say(
             f"data: {prepared.data.name}: {len(prepared.train)} train"
             + (f", {len(prepared.val)} validation" if prepared.val is not None else "")

@@ -5,9 +5,12 @@ Every field has a default or is required; unknown fields are errors (a typo must
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
 class Strict(BaseModel):
@@ -48,7 +51,7 @@ class AugmentSpec(Strict):
 class DataSpec(Strict):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
-    seed: int = Field(0, description="picks the training subset, the validation split and replayed views")
+    seed: Seed = Field(0, description="picks the training subset, the validation split and replayed views")
     views: int | None = Field(
         None, ge=1,
         description="replay this many fixed augmented views per sample (needed to cache an augmenting teacher)",
@@ -64,9 +67,17 @@ class ModelSpec(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None
 
+    @field_validator("kwargs")
+    @classmethod
+    def _own_options(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted({"name", "num_classes", "input_shape", "weights"} & set(kwargs))
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} are set by distill (the data and 'weights:'), not in kwargs")
+        return kwargs
+
 
 class TermSpec(Strict):
-    name: str | None = None
+    name: str | None = Field(None, pattern=r"^[^.]+$", description="defaults to the loss name")
     loss: str
     weight: float = 1.0
     student: str = "logits"
@@ -127,7 +138,7 @@ class Recipe(Strict):
     """A whole run: data, teacher, student, the baseline and distilled stages, seeds."""
 
     name: str = "run"
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[Seed] = Field(default_factory=lambda: [0])
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads; default: free cores")
     data: DataSpec
     teacher: TeacherSpec
