@@ -3,10 +3,8 @@ through ``distill.cli.main``, end in exit code 0 or 2 with stderr empty or one `
 
 Recipes are mutations of a small valid one on scikit-learn's digits (wrong types, unknown keys,
 out-of-range values, random names, deleted fields, odd YAML), checked with ``distill check`` (a
-one-batch dry run) or stopped by ``distill run`` before training. Bugs that the generators found
-and that are not fixed yet are kept out of the generated cases by :func:`known_bug` and pinned by
-the strict ``xfail`` tests at the end, which start failing (XPASS) once they are fixed: then delete
-the test and its line in :func:`known_bug`.
+one-batch dry run) or stopped by ``distill run`` before training. The bugs the generators found
+are fixed; each has a named regression test at the end of this file.
 """
 
 import contextlib
@@ -17,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
@@ -56,7 +54,7 @@ KEYS = ["extra", "lr", "epochs", "views", "cache", "weights", "mixup_alpha", "pr
         "val_fraction", "clip_grad_norm", "grad_accum", "mixed_precision", "early_stopping_patience",
         "monitor", "restore_best", "milestones", "schedule", "warmup_epochs", "temperature", "hidden",
         "train_subset", "seed", "test_fraction", "params", "terms", "student", "teacher", "name", "loss"]
-# integers stay small enough for a model width (hidden: [n]) to fit in memory; see known_bug
+# integers stay small enough for a model width (hidden: [n]) to fit in memory
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 2048), st.sampled_from([10**6, -(2**40)]),
     st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(NAMES), st.text(max_size=12),
@@ -98,20 +96,6 @@ def mutated_recipes(draw) -> dict:
     return recipe
 
 
-def known_bug(data, overrides=()) -> str | None:
-    """Why this input would hit a known, not yet fixed bug (see the xfail tests), or None."""
-    try:
-        recipe = load_recipe(data, list(overrides))
-    except DistillError:
-        return None  # refused cleanly before any known bug is reached
-    for spec in (recipe.teacher, recipe.student):
-        if ":" in spec.model:
-            return "a user model needing arguments distill does not pass"
-    if recipe.teacher.device is not None:
-        return "teacher.device is not checked"
-    return None
-
-
 def cli(args: list[str], cwd: Path | None = None) -> tuple[int, str]:
     """``distill ARGS`` in this process, in folder ``cwd``: (exit code, stderr)."""
     out, err = io.StringIO(), io.StringIO()
@@ -151,7 +135,6 @@ def write(folder: Path, text: str) -> str:
 @settings(FUZZ, max_examples=220)
 @given(recipe=mutated_recipes())
 def test_mutated_recipes_check_cleanly(folder, recipe):
-    assume(known_bug(recipe) is None)
     code, err = cli(["check", write(folder, yaml.safe_dump(recipe, allow_unicode=True)),
                      "--data-dir", str(folder / "data")])
     assert_clean(code, err)
@@ -161,7 +144,6 @@ def test_mutated_recipes_check_cleanly(folder, recipe):
 @given(recipe=mutated_recipes())
 def test_mutated_recipes_stop_before_training(folder, recipe):
     """``distill run`` validates the recipe and its combinations, then refuses the existing folder."""
-    assume(known_bug(recipe) is None)
     code, err = cli(["run", write(folder, yaml.safe_dump(recipe)), "--out", str(folder / "existing"), "--quiet",
                      "--data-dir", str(folder / "data")])
     assert code == 2 and (folder / "existing" / "mine.txt").exists()
@@ -198,7 +180,6 @@ def test_odd_yaml_is_a_clean_error_or_a_valid_recipe(folder, data):
         parsed = yaml.safe_load(text)
     except yaml.YAMLError:
         parsed = None
-    assume(not isinstance(parsed, dict) or known_bug(parsed) is None)
     code, err = cli(["check", write(folder, text), "--data-dir", str(folder / "data")])
     assert_clean(code, err)
 
@@ -232,7 +213,6 @@ SET_VALUES = st.one_of(
 @given(overrides=st.lists(st.builds("{}={}".format, st.sampled_from(_set_keys()), SET_VALUES)
                           | st.text(max_size=12), min_size=1, max_size=3))
 def test_set_overrides_are_clean(folder, overrides):
-    assume(known_bug(BASE, overrides) is None)
     args = ["check", write(folder, yaml.safe_dump(BASE)), "--data-dir", str(folder / "data")]
     args += [f"--set={assignment}" for assignment in overrides]  # --set=-x: a value, not an option
     code, err = cli(args)
@@ -252,7 +232,6 @@ def test_argument_lists_never_crash(folder, command, tokens):
     recipe = write(folder, yaml.safe_dump(BASE))
     where = {"RECIPE": recipe, "EXISTING": str(folder / "existing"), "NOPE": str(folder / "nope"),
              "FILE": str(folder / "existing" / "mine.txt")}
-    assume(known_bug({}, tokens) is None)
     args = [command] + [where.get(t, t) for t in tokens]
     if command in ("run", "demo"):  # never train: the run folder always exists already
         args += ["--out", str(folder / "existing")]
@@ -284,8 +263,6 @@ def test_a_seed_beyond_int64_is_a_clean_error(folder):
     assert_clean(*_check(folder, f"seeds=[{2**64}]"))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="models: a user factory's required argument that distill does not pass is a TypeError")
 def test_a_user_model_needing_other_arguments_is_a_clean_error(folder):
     assert_clean(*_check(folder, "student.model=distill.models:create_model"))
 
@@ -310,8 +287,6 @@ def test_argument_errors_are_one_error_line():
     assert_clean(*cli(["check"]))
 
 
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, AssertionError),
-                   reason="teacher.device is not checked: torch.device('xyz') is a RuntimeError in LiveTeacher")
 def test_a_bad_teacher_device_is_a_clean_error(folder):
     from distill.models import create_model, save_weights
 

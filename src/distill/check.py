@@ -31,6 +31,10 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> CheckRep
     prepared = prepare_data(recipe, data_dir)
     seed = recipe.seeds[0]
     teacher = build_model(recipe.teacher, prepared.data, seed)
+    if recipe.teacher.device is not None:
+        from distill.signals import parse_device
+
+        parse_device(recipe.teacher.device)
     check_classes(teacher, build_model(recipe.student, prepared.data, seed), prepared)
     report = CheckReport()
     for name, stage, teacher_arg in (("baseline", recipe.baseline, None), ("distill", recipe.distill, teacher)):

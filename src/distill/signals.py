@@ -39,6 +39,21 @@ def move_batch(batch: Batch, device: torch.device | str, dtype: torch.dtype | No
     return moved
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine, or a clear error."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DistillError(f"unknown device {device!r}; use e.g. 'cpu', 'cuda', 'cuda:1'") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            raise DistillError(f"device {device!r} is not available here ({count} CUDA device(s))")
+    elif parsed.type not in ("cpu", "meta") and not getattr(torch, parsed.type, None):
+        raise DistillError(f"device {device!r} is not available here")
+    return parsed
+
+
 @runtime_checkable
 class TeacherSignal(Protocol):
     """The teacher's outputs for a batch: ``{"logits": [B, C], tap: tensor, ...}`` in fp32."""
@@ -67,7 +82,7 @@ class LiveTeacher:
             raise DistillError(f"unknown teacher precision '{precision}'; use fp32, bf16 or fp16")
         self.model = model
         self.dtype = _DTYPES[precision]
-        self.device = torch.device(device) if device is not None else None
+        self.device = parse_device(device) if device is not None else None
         self.feed = feed
         self.model.requires_grad_(False)
         self.model.eval()

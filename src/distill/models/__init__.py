@@ -65,7 +65,13 @@ def create_model(
     num_classes = classes
     shape = _as_shape(input_shape)
     if ":" in name:
-        model = _create_user_model(name, num_classes, shape, kwargs)
+        try:
+            model = _create_user_model(name, num_classes, shape, kwargs)
+        except TypeError as exc:  # the user's callable wants arguments distill does not pass
+            raise DistillError(
+                f"calling your model '{name}' failed: {exc}; it is called with num_classes and "
+                "input_shape (when its signature names them) plus the recipe's kwargs"
+            ) from None
     else:
         factory = MODELS.get(name)
         _check_options(f"model '{name}'", factory, kwargs, skip=_FIXED)
