@@ -11,7 +11,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
+def shared() -> Path:
     """../shared/data beside the repository (present on developer machines and in CI)."""
     if not SHARED_DATA.is_dir():
         raise RuntimeError(f"test data folder {SHARED_DATA} is missing")

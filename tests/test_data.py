@@ -24,17 +24,6 @@ from distill.data.download import safe_extract_tar
 from distill.data.idx import parse_idx, read_idx
 from distill.errors import DistillError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def shared() -> Path:
-    """../shared/data beside the repository; its absence is a broken checkout, not a skip."""
-    if not SHARED.is_dir():
-        raise RuntimeError(f"test data folder {SHARED} is missing")
-    return SHARED
-
-
 def test_all_builders_registered():
     for name in ("mnist", "fashion-mnist", "cifar10", "image-folder", "arrays", "digits", "mnist1d"):
         assert name in DATASETS

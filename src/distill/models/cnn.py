@@ -31,8 +31,9 @@ def global_pool() -> nn.Sequential:
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
 
 
-def init_conv_bn(model: nn.Module) -> None:
-    """He init for convolutions (fan-out), unit scale and zero shift for batch norm."""
+def init_conv_bn(model: nn.Module, linear_std: float | None = None) -> None:
+    """He init for convolutions (fan-out), unit scale and zero shift for batch norm; with
+    ``linear_std``, linear layers get N(0, linear_std²) weights and zero bias (in the same pass)."""
     for m in model.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -40,6 +41,9 @@ def init_conv_bn(model: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif linear_std is not None and isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, linear_std)
             nn.init.zeros_(m.bias)
 
 

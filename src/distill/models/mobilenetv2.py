@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.models.cnn import global_pool, image_channels
+from distill.models.cnn import global_pool, image_channels, init_conv_bn
 from distill.models.registry import MODELS
 
 # (expansion ratio or None for "use the model's", output channels, repeats, first stride)
@@ -90,18 +90,7 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
         # The stages CRD taps: end of 1/2, 1/4, 1/8 and 1/16 resolution, then the pooled feature.
         self.feature_taps = ["blocks.1", "blocks.2", "blocks.4", "blocks.6", "pool"]
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from distill.models.cnn import global_pool, image_channels
+from distill.models.cnn import global_pool, image_channels, init_conv_bn
 from distill.models.registry import MODELS
 
 # Output channels of each conv, per block.
@@ -62,19 +62,7 @@ class VGG(nn.Module):
         self.pool = global_pool()
         self.classifier = nn.Linear(widths[-1], num_classes)
         self.feature_taps = ["block0", "block1", "block2", "block3", "block4", "pool"]
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool0(self.block0(x))
