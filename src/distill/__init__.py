@@ -3,7 +3,9 @@
     from distill import Distiller, Term, Trainer, TrainConfig
 """
 
+from distill.ensemble import TeacherEnsemble
 from distill.errors import DistillError
+from distill.mutual import MutualLearner
 from distill.objective import Distiller, DistillOutput, Term
 from distill.signals import LiveTeacher, TeacherSignal
 from distill.taps import Taps
@@ -13,7 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Distiller", "DistillOutput", "Term", "Taps", "LiveTeacher", "TeacherSignal", "Trainer",
-    "TrainConfig", "DistillError", "load_recipe", "run_recipe", "__version__",
+    "TrainConfig", "TeacherEnsemble", "MutualLearner", "DistillError", "load_recipe", "run_recipe", "__version__",
 ]
 
 

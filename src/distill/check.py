@@ -41,7 +41,7 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> CheckRep
         if not stage.enabled:
             continue
         student = build_model(recipe.student, prepared.data, seed)
-        distiller = Distiller(student, teacher_arg, terms_from(stage))
+        distiller = Distiller(student, teacher_arg, terms_from(stage), num_samples=len(prepared.train))
         spec = stage.train or recipe.train
         batch = next(iter(train_loader(recipe, prepared, spec.batch_size, seed)))
         transform = stage_transform(recipe, stage)

@@ -32,21 +32,33 @@ from distill.taps import LOGITS, Taps
 class Term:
     """One weighted loss term.
 
-    ``student`` and ``teacher`` are tap names (``"logits"`` is each model's output); ``teacher`` is
-    ignored by losses that read labels. ``adapter`` chooses the adapter kind for losses that adapt.
+    ``student`` and ``teacher`` are tap names (``"logits"`` is each model's output), or lists of tap
+    names for methods that read several layers (FSP, ReviewKD); ``teacher`` is ignored by losses
+    that read labels. ``adapter`` chooses the adapter kind for losses that adapt.
+    ``warmup_epochs`` ramps the weight linearly from 0 over that many epochs (DKD uses 20), reading
+    the progress the trainer reports through :meth:`Distiller.set_progress`.
     """
 
     name: str
     loss: str
     weight: float = 1.0
-    student: str = LOGITS
-    teacher: str = LOGITS
+    student: str | list[str] = LOGITS
+    teacher: str | list[str] = LOGITS
     params: dict[str, Any] = field(default_factory=dict)
     adapter: str = "auto"
+    warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name or "." in self.name:
             raise DistillError(f"term name {self.name!r} must be non-empty and contain no '.'")
+        for side in ("student", "teacher"):
+            value = getattr(self, side)
+            if isinstance(value, (list, tuple)):
+                if not value or not all(isinstance(v, str) for v in value):
+                    raise DistillError(f"term '{self.name}': {side} must be a tap name or a non-empty list of them")
+                setattr(self, side, list(value))
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise DistillError(f"term '{self.name}': warmup_epochs must be >= 0, got {self.warmup_epochs}")
         spec = get_loss(self.loss)
         spec.check_params(self.params)
         if not math.isfinite(self.weight):
@@ -74,6 +86,19 @@ class DryRunReport:
     problems: list[str]
 
 
+def tap_names(value: str | list[str]) -> list[str]:
+    """The taps a term side reads: ``"layer3"`` -> ``["layer3"]``; lists are kept."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _pick(outputs: dict[str, torch.Tensor], value: str | list[str]):
+    return [outputs[n] for n in value] if isinstance(value, list) else outputs[value]
+
+
+def _shape(value) -> tuple[int, ...] | list[tuple[int, ...]]:
+    return [tuple(v.shape) for v in value] if isinstance(value, list) else tuple(value.shape)
+
+
 def _as_batch(batch: Any) -> Batch:
     """Accept ``{"input", "target", "index"}`` dicts or ``(input, target[, index])`` tuples."""
     if isinstance(batch, dict):
@@ -92,6 +117,7 @@ class Distiller(nn.Module):
     ``state_dict()``, stays in eval mode whatever ``.train()`` is called, and gets no gradients.
     ``teacher`` may be an ``nn.Module`` (wrapped in a :class:`LiveTeacher`), any
     :class:`TeacherSignal`, or ``None`` for a student trained on labels alone.
+    ``num_samples`` (the training set's size) is needed by losses with a per-sample memory (CRD).
     """
 
     def __init__(
@@ -100,6 +126,7 @@ class Distiller(nn.Module):
         teacher: nn.Module | TeacherSignal | None,
         terms: Sequence[Term],
         feed: Feed = default_feed,
+        num_samples: int | None = None,
     ) -> None:
         super().__init__()
         if not terms:
@@ -112,6 +139,9 @@ class Distiller(nn.Module):
         self.terms = list(terms)
         self.feed = feed
         self.adapters = nn.ModuleDict()
+        self.loss_modules = nn.ModuleDict()  # losses with trainable parts or state, built in dry_run
+        self.num_samples = num_samples
+        self.progress: float | None = None  # epochs done, from the trainer (term warm-ups)
         if isinstance(teacher, nn.Module):
             teacher = LiveTeacher(teacher, feed=feed)
         object.__setattr__(self, "teacher", teacher)  # not a submodule, on purpose
@@ -121,17 +151,38 @@ class Distiller(nn.Module):
             raise DistillError(
                 f"terms {', '.join(needs_teacher)} need a teacher, but none was given"
             )
+        for term in self.terms:
+            spec = self.specs[term.name]
+            if spec.adapts and (isinstance(term.student, list) or isinstance(term.teacher, list)):
+                raise DistillError(f"term '{term.name}' ({term.loss}) adapts one tap to one tap; give single names")
+            missing = [n for n in spec.needs if n == "num_samples" and num_samples is None]
+            if missing:
+                raise DistillError(
+                    f"term '{term.name}' ({term.loss}) needs the training set's size: "
+                    "Distiller(..., num_samples=len(train_set))"
+                )
         self.student_taps = Taps(
-            student, [t.student for t in self.terms if t.student != LOGITS], owner="student"
+            student, [n for t in self.terms for n in tap_names(t.student) if n != LOGITS], owner="student"
         )
         self.teacher_tap_names = list(
             dict.fromkeys(
-                t.teacher for t in self.terms if self.specs[t.name].needs_teacher and t.teacher != LOGITS
+                n for t in self.terms if self.specs[t.name].needs_teacher
+                for n in tap_names(t.teacher) if n != LOGITS
             )
         )
         if self.teacher is not None and self.teacher_tap_names:
             self.teacher.validate_taps(self.teacher_tap_names)
-        self._built = not any(self.specs[t.name].adapts for t in self.terms)
+        self._built = not any(self.specs[t.name].adapts or self.specs[t.name].module for t in self.terms)
+
+    def set_progress(self, epochs: float) -> None:
+        """Training progress in epochs (fractional), for term warm-ups; the trainer calls this."""
+        self.progress = float(epochs)
+
+    def term_weight(self, term: Term) -> float:
+        """``term.weight``, ramped linearly over ``term.warmup_epochs`` of reported progress."""
+        if term.warmup_epochs <= 0 or self.progress is None:
+            return term.weight
+        return term.weight * min(1.0, self.progress / term.warmup_epochs)
 
     # -- training-mode guard -------------------------------------------------------------
     def train(self, mode: bool = True) -> "Distiller":
@@ -152,17 +203,19 @@ class Distiller(nn.Module):
         args = []
         for kind in spec.inputs:
             if kind == "student":
-                value = student[term.student]
+                value = _pick(student, term.student)
                 if spec.adapts:
                     value = self.adapters[term.name](value)
                 args.append(value)
             elif kind == "teacher":
-                args.append(teacher[term.teacher])
+                args.append(_pick(teacher, term.teacher))
             elif kind == "labels":
                 if batch.get("target") is None:
                     raise DistillError(f"term '{term.name}' needs labels, but the batch has none")
                 args.append(batch["target"])
             elif kind == "index":
+                if batch.get("index") is None:
+                    raise DistillError(f"term '{term.name}' needs sample indices, but the batch has no 'index'")
                 args.append(batch["index"])
         return args
 
@@ -178,12 +231,14 @@ class Distiller(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         total = None
         for term in self.terms:
+            spec = self.specs[term.name]
+            fn = self.loss_modules[term.name] if spec.module else spec.fn
             try:
-                value = self.specs[term.name].fn(*self._inputs(term, student, teacher, batch), **term.params)
+                value = fn(*self._inputs(term, student, teacher, batch), **({} if spec.module else term.params))
             except (ValueError, TypeError, IndexError) as exc:  # shapes, parameter types, label ranges
                 raise DistillError(f"term '{term.name}' ({term.loss}): {exc}") from None
             parts[term.name] = value
-            weighted = term.weight * value
+            weighted = self.term_weight(term) * value
             total = weighted if total is None else total + weighted
         return DistillOutput(loss=total, terms=parts, student=student, teacher=teacher)
 
@@ -193,13 +248,24 @@ class Distiller(nn.Module):
         student = self.student_taps.run(self.feed, self.student, batch)
         teacher = self._teacher_outputs(batch)
         described = {}
+        device = student[LOGITS].device
         for term in self.terms:
-            if not self.specs[term.name].adapts or term.name in self.adapters:
+            spec = self.specs[term.name]
+            if spec.module and term.name not in self.loss_modules:
+                s_shape = _shape(_pick(student, term.student))
+                t_shape = _shape(_pick(teacher, term.teacher)) if spec.needs_teacher else None
+                needs = {"num_samples": self.num_samples} if "num_samples" in spec.needs else {}
+                try:
+                    module = spec.fn(s_shape, t_shape, **term.params, **needs)
+                except (ValueError, TypeError) as exc:
+                    raise DistillError(f"term '{term.name}' ({term.loss}): {exc}") from None
+                self.loss_modules[term.name] = module.to(device)
+                described[term.name] = f"{type(module).__name__} {s_shape} -> {t_shape}"
+            if not spec.adapts or term.name in self.adapters:
                 continue
             s_shape, t_shape = tuple(student[term.student].shape), tuple(teacher[term.teacher].shape)
             adapter = make_adapter(s_shape, t_shape, term.adapter)
-            device = student[term.student].device
-            self.adapters[term.name] = adapter.to(device)
+            self.adapters[term.name] = adapter.to(student[term.student].device)
             described[term.name] = f"{type(adapter).__name__} {s_shape} -> {t_shape}"
         self._built = True
         return described
@@ -213,6 +279,7 @@ class Distiller(nn.Module):
         batch = _as_batch(batch)
         saved_buffers = {k: v.clone() for k, v in self.student.state_dict().items()}
         adapters = self._build_adapters(batch)
+        saved_losses = {k: v.clone() for k, v in self.loss_modules.state_dict().items()}
         was_training = self.training
         self.train()
         out = self(batch)
@@ -243,6 +310,9 @@ class Distiller(nn.Module):
                     "is the student already equal to its target, or is the tap detached?"
                 )
         self.student.load_state_dict(saved_buffers)
+        self.loss_modules.load_state_dict(saved_losses)  # e.g. a memory bank the dry run wrote to
+        for p in self.parameters():
+            p.grad = None
         self.train(was_training)
         return DryRunReport(
             student_taps={k: tuple(v.shape) for k, v in out.student.items()},

@@ -47,7 +47,7 @@ def train_config(spec: TrainSpec, seed: int, progress: bool) -> TrainConfig:
 def terms_from(stage: StageSpec) -> list[Term]:
     return [
         Term(name=t.name, loss=t.loss, weight=t.weight, student=t.student, teacher=t.teacher,
-             params=dict(t.params), adapter=t.adapter)
+             params=dict(t.params), adapter=t.adapter, warmup_epochs=t.warmup_epochs)
         for t in stage.terms
     ]
 
@@ -99,8 +99,11 @@ def teacher_taps(recipe: Recipe) -> list[str]:
     """The teacher taps the distill stage reads (what a cache must hold besides logits)."""
     from distill.losses import get_loss
 
+    from distill.objective import tap_names
+
     return list(dict.fromkeys(
-        t.teacher for t in recipe.distill.terms if get_loss(t.loss).needs_teacher and t.teacher != "logits"
+        name for t in recipe.distill.terms if get_loss(t.loss).needs_teacher
+        for name in tap_names(t.teacher) if name != "logits"
     ))
 
 
@@ -228,10 +231,15 @@ class Run:
     # ------------------------------------------------------------------------------------
     def _train_stage(
         self, name: str, seed: int, model: nn.Module, teacher, stage: StageSpec, spec: TrainSpec,
-        prepared: Prepared,
+        prepared: Prepared, peers: list[nn.Module] | None = None,
     ) -> tuple[nn.Module, list[dict[str, float]]]:
         stage_dir = self.run_dir / "stages" / name
-        distiller = Distiller(model, teacher, terms_from(stage))
+        if peers:
+            from distill.mutual import MutualLearner
+
+            distiller = MutualLearner([model, *peers], terms_from(stage), num_samples=len(prepared.train))
+        else:
+            distiller = Distiller(model, teacher, terms_from(stage), num_samples=len(prepared.train))
         loader = train_loader(self.recipe, prepared, spec.batch_size, seed)
         first = next(iter(loader))
         transform = stage_transform(self.recipe, stage)
@@ -259,24 +267,57 @@ class Run:
             return json.loads(path.read_text())
         return None
 
+    def _trained(
+        self, name: str, spec: ModelSpec, train: TrainSpec | None, seed: int, prepared: Prepared,
+        teacher=None, stage: StageSpec | None = None,
+    ) -> nn.Module:
+        """The model of ``spec``: loaded, or trained as stage ``name`` (on labels, or from ``teacher``)."""
+        model = build_model(spec, prepared.data, seed)
+        if train is None:
+            return model
+        weights_path = self.run_dir / "stages" / name / "model.safetensors"
+        if self._stage_done(name) and weights_path.exists():
+            load_weights(model, weights_path)
+            self.say(f"{name}: loaded from the finished stage of this run")
+            return model
+        stage = stage or StageSpec(terms=[{"name": "ce", "loss": "ce"}])
+        model, history = self._train_stage(name, seed, model, teacher, stage, train, prepared)
+        if self.main:
+            save_weights(model, weights_path)
+            write_json(self.run_dir / "stages" / name / "result.json", {"history": history})
+        self.state.wait_for_everyone()
+        return model
+
     def _teacher(self, prepared: Prepared) -> nn.Module:
         spec = self.recipe.teacher
         seed = self.recipe.seeds[0]
-        teacher = build_model(spec, prepared.data, seed)
-        weights_path = self.run_dir / "teacher.safetensors"
-        if spec.train is None:
+        teacher = self._trained("teacher", spec, spec.train, seed, prepared)
+        if spec.train is not None and self.main:
+            save_weights(teacher, self.run_dir / "teacher.safetensors")
+        if spec.ensemble is None:
             return teacher
-        if self._stage_done("teacher") and weights_path.exists():
-            load_weights(teacher, weights_path)
-            self.say("teacher: loaded from the finished stage of this run")
-            return teacher
-        stage = StageSpec(terms=[{"name": "ce", "loss": "ce"}])
-        teacher, history = self._train_stage("teacher", seed, teacher, None, stage, spec.train, prepared)
-        if self.main:
-            save_weights(teacher, weights_path)
-            write_json(self.run_dir / "stages" / "teacher" / "result.json", {"history": history})
-        self.state.wait_for_everyone()
-        return teacher
+        from distill.ensemble import TeacherEnsemble
+
+        members = [teacher] + [
+            self._trained(f"teacher-member{i + 1}", m, m.train, seed + i + 1, prepared)
+            for i, m in enumerate(spec.ensemble.members)
+        ]
+        return TeacherEnsemble(members, spec.ensemble.weights, spec.ensemble.combine)
+
+    def _assistants(self, signal, prepared: Prepared) -> tuple[Any, list[dict[str, Any]]]:
+        """Train the teacher-assistant chain; returns the signal that teaches the student and a summary."""
+        recipe = self.recipe
+        summary = []
+        for i, spec in enumerate(recipe.assistants):
+            name = f"assistant{i + 1}"
+            model = self._trained(name, spec, spec.train or recipe.train, recipe.seeds[0], prepared,
+                                  teacher=signal, stage=recipe.distill)
+            metrics = self._evaluate(model, prepared, None)
+            summary.append({"model": spec.model, "accuracy": metrics["accuracy"],
+                            "params": count_parameters(model)})
+            self.say(f"{name} ({spec.model}): test accuracy {100 * metrics['accuracy']:.2f}%")
+            signal = LiveTeacher(model, precision=recipe.teacher.precision, device=recipe.teacher.device)
+        return signal, summary
 
     def _signal(self, teacher: nn.Module, prepared: Prepared):
         spec = self.recipe.teacher
@@ -312,14 +353,21 @@ class Run:
         teacher_logits, targets = predict(teacher, prepared.test_loader)
         teacher_metrics = classification_metrics(teacher_logits, targets)
         self.say(f"teacher: test accuracy {100 * teacher_metrics['accuracy']:.2f}%")
-        signal = self._signal(teacher, prepared)
+        signal = self._signal(teacher, prepared) if recipe.distill.enabled and recipe.distill.peers == 1 else None
+        assistants: list[dict[str, Any]] = []
+        if recipe.assistants and signal is not None:
+            signal, assistants = self._assistants(signal, prepared)
 
         per_seed: dict[str, list[dict[str, float]]] = {"baseline": [], "student": []}
+        generations: list[list[float]] = []
         student_model = None
         for seed in recipe.seeds:
             for role, stage, teacher_arg in (("baseline", recipe.baseline, None), ("student", recipe.distill, signal)):
                 if not stage.enabled:
                     continue
+                if role == "student" and stage.generations > 1:
+                    teacher_arg, accuracies = self._born_again(seed, signal, prepared, teacher_logits)
+                    generations.append(accuracies)
                 name = f"{role}-seed{seed}"
                 done = self._stage_done(name)
                 model = build_model(recipe.student, prepared.data, seed)
@@ -331,7 +379,10 @@ class Run:
                         student_model = model
                 else:
                     spec = stage.train or recipe.train
-                    model, history = self._train_stage(name, seed, model, teacher_arg, stage, spec, prepared)
+                    peers = None
+                    if role == "student" and stage.peers > 1:  # mutual learning: fresh peers, other seeds
+                        peers = [build_model(recipe.student, prepared.data, seed + 7919 * k) for k in range(1, stage.peers)]
+                    model, history = self._train_stage(name, seed, model, teacher_arg, stage, spec, prepared, peers)
                     metrics = self._evaluate(model, prepared, teacher_logits)
                     if self.main:
                         save_weights(model, weights)
@@ -344,6 +395,12 @@ class Run:
                          f"agreement with teacher {100 * metrics['agreement']:.2f}%")
 
         results = self._summarise(teacher, teacher_metrics, per_seed, prepared)
+        if assistants:
+            results["assistants"] = assistants
+        if generations:  # born-again: mean accuracy of each generation (the last is "student")
+            results["generations"] = [statistics.fmean(g) for g in zip(*generations)]
+            if "student" in results:
+                results["generations"].append(results["student"]["accuracy"])
         if self.main:
             if student_model is not None:
                 save_weights(student_model, self.run_dir / "student.safetensors")
@@ -353,6 +410,19 @@ class Run:
             write_report(self.run_dir, results)
         self.state.wait_for_everyone()
         return results
+
+    def _born_again(self, seed: int, signal, prepared: Prepared, teacher_logits) -> tuple[Any, list[float]]:
+        """Generations 1..G-1 of born-again training; returns the signal for generation G."""
+        recipe = self.recipe
+        accuracies = []
+        for g in range(1, recipe.distill.generations):
+            name = f"student-gen{g}-seed{seed}"
+            model = self._trained(name, recipe.student, recipe.distill.train or recipe.train, seed + 104729 * g,
+                                  prepared, teacher=signal, stage=recipe.distill)
+            accuracies.append(self._evaluate(model, prepared, teacher_logits)["accuracy"])
+            self.say(f"born-again generation {g} (seed {seed}): test accuracy {100 * accuracies[-1]:.2f}%")
+            signal = LiveTeacher(model, precision=recipe.teacher.precision, device=recipe.teacher.device)
+        return signal, accuracies
 
     def _summarise(self, teacher, teacher_metrics, per_seed, prepared) -> dict[str, Any]:
         recipe = self.recipe

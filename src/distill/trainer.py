@@ -192,6 +192,7 @@ class Trainer:
         progress = _Progress(enabled=cfg.progress and main, console=self.console)
         stopped_early = False
         params = [p for p in unwrapped.parameters() if p.requires_grad]
+        set_progress = getattr(self.model, "set_progress", None)
         fault = fault_armed("epoch-step")  # tests: DISTILL_FAULT=epoch-step:[NAME:]E:S
         with progress:
             task = progress.add(f"{self.name}", total=(cfg.epochs - start_epoch) * steps)
@@ -210,6 +211,8 @@ class Trainer:
                     )
                     for group in optimizer.param_groups:
                         group["lr"] = lr
+                    if set_progress is not None:  # a generic hook: e.g. term weights that warm up
+                        set_progress(epoch + step / steps)
                     batch = move_batch(batch, accelerator.device)
                     if self.batch_transform is not None:
                         gen = torch.Generator().manual_seed(_seed_for(cfg.seed, epoch, step, 5))

@@ -96,7 +96,8 @@ def validate_names(recipe: Recipe) -> None:
     from distill.models import MODELS
 
     DATASETS.get(recipe.data.name)
-    for spec in (recipe.teacher, recipe.student):
+    members = recipe.teacher.ensemble.members if recipe.teacher.ensemble else []
+    for spec in (recipe.teacher, recipe.student, *members, *recipe.assistants):
         if ":" not in spec.model:
             MODELS.get(spec.model)
     for stage in ("baseline", "distill"):

@@ -80,10 +80,43 @@ class TermSpec(Strict):
     name: str | None = Field(None, pattern=r"^[^.]+$", description="defaults to the loss name")
     loss: str
     weight: float = 1.0
-    student: str = "logits"
-    teacher: str = "logits"
+    student: str | list[str] = Field("logits", description="a tap name, or a list for methods that read several layers")
+    teacher: str | list[str] = "logits"
     params: dict[str, Any] = Field(default_factory=dict)
     adapter: Literal["auto", "identity", "linear", "conv1x1", "conv1d"] = "auto"
+    warmup_epochs: float = Field(0.0, ge=0, description="ramp the weight up linearly over this many epochs")
+
+
+class MemberSpec(ModelSpec):
+    """One more teacher of an ensemble: loaded (``weights``) or trained by the run (``train``)."""
+
+    train: TrainSpec | None = None
+
+    @model_validator(mode="after")
+    def _source(self) -> "MemberSpec":
+        if self.weights is None and self.train is None:
+            raise ValueError("an ensemble member needs 'weights' (a file to load) or 'train'")
+        return self
+
+
+class EnsembleSpec(Strict):
+    """The teacher plus ``members``, averaged (see :class:`distill.ensemble.TeacherEnsemble`)."""
+
+    members: list[MemberSpec] = Field(min_length=1, description="teachers besides the main one")
+    weights: list[float] | None = Field(None, description="one per teacher, the main one first; default equal")
+    combine: Literal["logits", "probs"] = "logits"
+
+    @model_validator(mode="after")
+    def _weights(self) -> "EnsembleSpec":
+        if self.weights is not None and len(self.weights) != len(self.members) + 1:
+            raise ValueError(f"weights needs {len(self.members) + 1} values (the main teacher first)")
+        return self
+
+
+class AssistantSpec(ModelSpec):
+    """A teacher assistant (Mirzadeh et al. 2020): distilled from the model before it in the chain."""
+
+    train: TrainSpec | None = Field(None, description="default: the student's schedule")
 
 
 class TeacherSpec(ModelSpec):
@@ -99,6 +132,7 @@ class TeacherSpec(ModelSpec):
     )
     cache_topk: int | None = Field(None, ge=1, description="store only the top-k classes and the tail mass")
     cache_dtype: Literal["fp16", "fp32"] = "fp16"
+    ensemble: EnsembleSpec | None = Field(None, description="average this teacher with more")
 
 
 class StageSpec(Strict):
@@ -110,6 +144,14 @@ class StageSpec(Strict):
     mixup_alpha: float | None = Field(
         None, gt=0,
         description="function matching (Beyer et al. 2022): train on mixup-interpolated inputs",
+    )
+    generations: int = Field(
+        1, ge=1,
+        description="born-again networks (Furlanello et al. 2018): each generation is taught by the one before",
+    )
+    peers: int = Field(
+        1, ge=1,
+        description="deep mutual learning (Zhang et al. 2018) when >= 2: students teach each other, no teacher",
     )
 
     @field_validator("terms")
@@ -146,6 +188,11 @@ class Recipe(Strict):
     train: TrainSpec = Field(default_factory=TrainSpec, description="the student's schedule")
     baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     distill: StageSpec
+    assistants: list[AssistantSpec] = Field(
+        default_factory=list,
+        description="teacher-assistant chain: teacher -> assistants in order -> student, each distilled "
+        "with the distill stage's terms",
+    )
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
 
     @model_validator(mode="after")
@@ -154,4 +201,6 @@ class Recipe(Strict):
             raise ValueError("teacher needs 'weights' (a file to load) or 'train' (how to train it)")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        if self.distill.peers > 1 and (self.distill.generations > 1 or self.assistants):
+            raise ValueError("distill.peers (mutual learning) does not combine with generations or assistants")
         return self
