@@ -44,7 +44,9 @@ class TeacherEnsemble(nn.Module):
             raise DistillError(f"ensemble weights must be >= 0 with a positive sum, got {weights}")
         self.members = nn.ModuleList(members)
         self.combine = combine
-        self.register_buffer("weights", torch.tensor(weights) / sum(weights), persistent=False)
+        # Buffers (in the state_dict), so a teacher cache's fingerprint covers how members are combined.
+        self.register_buffer("weights", torch.tensor(weights) / sum(weights))
+        self.register_buffer("combine_probs", torch.tensor(combine == "probs"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = [output_tensor(m(x)) for m in self.members]

@@ -4,9 +4,35 @@ A new method is one file here plus its ``@register_loss`` line.
 """
 
 from distill.losses import ce, hint, kd  # noqa: F401  (registration)
+from distill.losses import crd, fsp, reviewkd, vid  # noqa: F401  (module losses)
+from distill.losses.crd import CRDLoss
+from distill.losses.fsp import FSPLoss
+from distill.losses.reviewkd import ReviewKDLoss
+from distill.losses.vid import VIDLoss
+from distill.losses import at, cc, dist, dkd, kd_std, nst, pkt, rkd, sp, tf_kd  # noqa: F401
+from distill.losses.at import at_loss
+from distill.losses.cc import cc_loss
+from distill.losses.dist import dist_loss
+from distill.losses.dkd import dkd_loss
+from distill.losses.kd_std import kd_std_loss
+from distill.losses.nst import nst_loss
+from distill.losses.pkt import pkt_loss
+from distill.losses.rkd import rkd_loss
+from distill.losses.sp import sp_loss
+from distill.losses.tf_kd import tf_kd_loss
+from distill.losses import bce, listnet_kd, pointwise_kd, ranknet_kd, rd  # noqa: F401  (ranking)
+from distill.losses.bce import bce_loss
+from distill.losses.listnet_kd import listnet_kd_loss
+from distill.losses.pointwise_kd import pointwise_kd_loss
+from distill.losses.ranknet_kd import ranknet_kd_loss
+from distill.losses.rd import rd_loss
 from distill.losses.ce import ce_loss
 from distill.losses.hint import hint_loss
 from distill.losses.kd import kd_loss
 from distill.losses.registry import LOSSES, LossSpec, get_loss, register_loss
 
-__all__ = ["LOSSES", "LossSpec", "get_loss", "register_loss", "kd_loss", "ce_loss", "hint_loss"]
+__all__ = ["LOSSES", "LossSpec", "get_loss", "register_loss", "kd_loss", "ce_loss", "hint_loss",
+           "dkd_loss", "dist_loss", "kd_std_loss", "tf_kd_loss", "at_loss", "nst_loss",
+           "sp_loss", "rkd_loss", "pkt_loss", "cc_loss",
+           "VIDLoss", "FSPLoss", "ReviewKDLoss", "CRDLoss",
+           "bce_loss", "pointwise_kd_loss", "ranknet_kd_loss", "listnet_kd_loss", "rd_loss"]
