@@ -4,13 +4,15 @@
     data = load_dataset("mnist")            # downloads and verifies into ~/.cache/distill/data
     loader = BatchLoader(data.train, 128, shuffle=True, mean=data.mean, std=data.std)
 
-Registered data sets: ``mnist``, ``fashion-mnist``, ``cifar10``, ``image-folder``, ``arrays``,
-``digits``, ``mnist1d``.
+Registered data sets: ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``image-folder``, ``arrays``,
+``digits``, ``mnist1d``, and ``ml-100k`` (implicit-feedback ranking; see :mod:`distill.tasks.ranking`).
 """
 
 # Importing the builder modules registers their data sets.
-from distill.data import arrays, cifar, image_folder, mnist, offline  # noqa: F401
+from distill.data import arrays, cifar, image_folder, mnist, movielens, offline  # noqa: F401
+from distill.data import cifar100  # noqa: F401
 from distill.data.augment import mixup_inputs, normalize, random_crop_flip
+from distill.data.interactions import Interactions, leave_one_out
 from distill.data.loader import BatchLoader
 from distill.data.registry import DATASETS, default_data_dir, load_dataset
 from distill.data.splits import split_validation
@@ -18,5 +20,5 @@ from distill.data.types import ArrayDataset, DataSplits
 
 __all__ = [
     "DATASETS", "load_dataset", "default_data_dir", "DataSplits", "ArrayDataset", "BatchLoader",
-    "split_validation", "random_crop_flip", "normalize", "mixup_inputs",
+    "split_validation", "random_crop_flip", "normalize", "mixup_inputs", "Interactions", "leave_one_out",
 ]
