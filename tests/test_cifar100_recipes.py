@@ -19,6 +19,9 @@ METHODS = ["kd", "fitnet", "at", "nst", "fsp", "vid", "reviewkd", "sp", "rkd", "
 EXPECTED = sorted(
     [f"resnet32x4-resnet8x4-{m}.yaml" for m in METHODS]
     + ["wrn40_2-wrn16_2-kd.yaml", "vgg13-vgg8-kd.yaml", "resnet32x4-shufflenetv2-kd.yaml"]
+    # no teacher network for the student, and several teachers
+    + ["resnet32x4-resnet8x4-tfkd.yaml", "resnet32x4-resnet8x4-ensemble-kd.yaml",
+       "wrn40_2-wrn16_2-ta-kd.yaml", "resnet8x4-resnet8x4-ban-kd.yaml", "resnet32x4-resnet8x4-dml.yaml"]
 )
 FILES = sorted(p.name for p in RECIPES.glob("*.yaml"))
 
@@ -62,6 +65,10 @@ def test_recipe_checks_clean(file, fake_cifar100, tmp_path):
     ])
     report = check_recipe(recipe, data_dir=tmp_path / "data")
     assert report.problems == []
-    assert set(report.stages) == {"baseline", "distill"}
+    assistants = {f"assistant{i + 1}" for i in range(len(recipe.assistants))}
+    assert set(report.stages) == {"baseline", "distill"} | assistants
     terms = report.stages["distill"].terms
-    assert set(terms) == {t.name for t in recipe.distill.terms}
+    names = {t.name for t in recipe.distill.terms}
+    if recipe.distill.peers > 1:  # mutual learning: every peer has each term
+        names = {f"{n}_{i}" for n in names for i in range(recipe.distill.peers)}
+    assert set(terms) == names

@@ -35,13 +35,29 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> CheckRep
         from distill.signals import parse_device
 
         parse_device(recipe.teacher.device)
+    if recipe.teacher.ensemble is not None:
+        from distill.ensemble import TeacherEnsemble
+
+        members = [build_model(m, prepared.data, seed) for m in recipe.teacher.ensemble.members]
+        teacher = TeacherEnsemble([teacher, *members], recipe.teacher.ensemble.weights, recipe.teacher.ensemble.combine)
     check_classes(teacher, build_model(recipe.student, prepared.data, seed), prepared)
     report = CheckReport()
-    for name, stage, teacher_arg in (("baseline", recipe.baseline, None), ("distill", recipe.distill, teacher)):
+    stages = [("baseline", recipe.student, recipe.baseline, None)]
+    for i, spec in enumerate(recipe.assistants):  # each assistant is distilled from the model before it
+        stages.append((f"assistant{i + 1}", spec, recipe.distill, teacher))
+        teacher = build_model(spec, prepared.data, seed)
+    stages.append(("distill", recipe.student, recipe.distill, teacher))
+    for name, model_spec, stage, teacher_arg in stages:
         if not stage.enabled:
             continue
-        student = build_model(recipe.student, prepared.data, seed)
-        distiller = Distiller(student, teacher_arg, terms_from(stage), num_samples=len(prepared.train))
+        student = build_model(model_spec, prepared.data, seed)
+        if name == "distill" and stage.peers > 1:
+            from distill.mutual import MutualLearner
+
+            peers = [build_model(recipe.student, prepared.data, seed + k) for k in range(1, stage.peers)]
+            distiller = MutualLearner([student, *peers], terms_from(stage), num_samples=len(prepared.train))
+        else:
+            distiller = Distiller(student, teacher_arg, terms_from(stage), num_samples=len(prepared.train))
         spec = stage.train or recipe.train
         batch = next(iter(train_loader(recipe, prepared, spec.batch_size, seed)))
         transform = stage_transform(recipe, stage)
