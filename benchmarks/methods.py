@@ -66,9 +66,13 @@ def methods(epochs: int) -> dict[str, dict]:
             {"name": "hint", "loss": "hint", "weight": 100.0, "student": "block2", "teacher": "block2"})},
         "AT": {"group": "features", "cite": "Zagoruyko & Komodakis 2017", "terms": _ce(*_per_block("at", 1000.0))},
         "NST": {"group": "features", "cite": "Huang & Wang 2017", "terms": _ce(*_per_block("nst", 50.0))},
+        # our fsp sums over the C1 x C2 matrix entries (the paper's Eq. 2); the CRD code's β = 50
+        # is for their mean over entries, hence one term per pair weighted 50 / (C1 C2)
         "FSP": {"group": "features", "cite": "Yim et al. 2017", "terms": _ce(
-            {"name": "fsp", "loss": "fsp", "weight": 50.0,
-             "student": ["block1", "block2", "block2", "block3"], "teacher": ["block1", "block2", "block2", "block3"]})},
+            {"name": "fsp12", "loss": "fsp", "weight": 50.0 / (32 * 64),
+             "student": ["block1", "block2"], "teacher": ["block1", "block2"]},
+            {"name": "fsp23", "loss": "fsp", "weight": 50.0 / (64 * 128),
+             "student": ["block2", "block3"], "teacher": ["block2", "block3"]})},
         "VID": {"group": "features", "cite": "Ahn et al. 2019", "terms": _ce(*_per_block("vid", 1.0))},
         "ReviewKD": {"group": "features", "cite": "Chen et al. 2021", "terms": _ce(
             {"name": "reviewkd", "loss": "reviewkd", "weight": 1.0, "student": BLOCKS, "teacher": BLOCKS})},

@@ -5,6 +5,8 @@
     distill check RECIPE              one-batch dry run: taps, adapters, term values, gradients
     distill cache RECIPE --out DIR    run the teacher once, store its outputs for training
     distill report RUN_DIR            print the table of a finished run and rewrite report.md
+    distill profile MODEL_OR_RUN      params, size, MACs, memory, latency (eager, ONNX Runtime)
+    distill export RUN --format F     the student as onnx/torchscript/safetensors, parity-checked
     distill list                      models, losses, data sets and preset recipes
 
 Errors in the user's input print one line and exit with status 2 (``--debug`` shows the traceback).
@@ -43,6 +45,10 @@ def _print_results(console, results: dict) -> None:
         table.add_row(*row)
     console.print(table)
     console.print(f"[bold]{results.get('verdict', '')}[/bold]")
+    from distill.report import gate_lines
+
+    for line in gate_lines(results):
+        console.print(line, markup=False)
 
 
 def _load(args) -> "Recipe":  # noqa: F821
@@ -89,6 +95,8 @@ def cmd_check(args) -> int:
 
     console = _console()
     recipe = _load(args)
+    if args.suggest_taps:
+        _print_tap_suggestions(console, recipe, args)
     report = check_recipe(recipe, args.data_dir)
     for name, result in report.stages.items():
         table = Table(title=f"{name}: taps on one batch")
@@ -105,6 +113,106 @@ def cmd_check(args) -> int:
     if report.problems:
         raise DistillError("; ".join(report.problems))
     console.print("[green]check passed[/green]: every term is finite and trains the student")
+    return 0
+
+
+def _print_tap_suggestions(console, recipe, args) -> None:
+    from rich.table import Table
+
+    from distill.tap_suggest import suggest_for_recipe
+
+    if args.top < 1:
+        raise DistillError("--top must be at least 1")
+    found = suggest_for_recipe(recipe, args.data_dir, top=args.top)
+    table = Table(title="tap pairs: relative depth and linear CKA on one batch (chosen pairs marked *)")
+    for column in ("", "student tap", "depth", "teacher tap", "depth", "CKA", "score", "student -> teacher shape"):
+        table.add_column(column)
+    chosen = {(p.student, p.teacher) for p in found.pairs}
+    shown = found.candidates[: max(3 * args.top, 10)]
+    shown += [p for p in found.pairs if p not in shown]
+    for pair in shown:
+        table.add_row("*" if (pair.student, pair.teacher) in chosen else "", pair.student, f"{pair.student_depth:.2f}",
+                      pair.teacher, f"{pair.teacher_depth:.2f}", f"{pair.cka:.3f}", f"{pair.score:.3f}",
+                      f"{list(pair.student_shape)} -> {list(pair.teacher_shape)}")
+    console.print(table)
+    for note in found.notes:
+        console.print(f"note: {note}", markup=False)
+    console.print(found.yaml_snippet(), markup=False, highlight=False)
+
+
+def _source(args, text: str, weights: str | None = None):
+    from distill.finished_run import parse_shape, resolve_source
+
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    return resolve_source(text, input_shape=shape, num_classes=args.classes, weights=weights,
+                          data_dir=args.data_dir)
+
+
+def cmd_profile(args) -> int:
+    import json
+
+    from rich.table import Table
+
+    from distill.finished_run import FinishedRun
+    from distill.profile import profile_report, profile_rows, profile_source
+
+    weights = args.weights or []
+    if weights and len(weights) != len(args.models):
+        raise DistillError(f"give --weights once per model ({len(args.models)}), or not at all")
+    sources = [_source(args, text, weights[i] if weights else None) for i, text in enumerate(args.models)]
+    if any(isinstance(s, FinishedRun) for s in sources) and len(sources) > 1:
+        raise DistillError("profile one run directory at a time (it holds both teacher and student)")
+    options = dict(batch=args.batch, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
+                   device=args.device, onnx=False if args.no_onnx else None)
+    profiles = [p for source in sources for p in profile_source(source, **options)]
+    header, rows = profile_rows(profiles)
+    first = profiles[0]
+    table = Table(title=f"profile on {first.device}, {first.threads} thread(s), input {list(first.input_shape)}; "
+                        f"latency over {args.repeats} runs")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = _console()
+    console.print(table)
+    for note in dict.fromkeys(n for p in profiles for n in p.notes):
+        console.print(f"note: {note}", markup=False)
+    if args.out:
+        from distill.checkpoints import atomic_write
+
+        text = json.dumps(profile_report(profiles), indent=2).encode()
+        atomic_write(Path(args.out), lambda f: f.write(text))
+        console.print(f"profile: {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import json
+
+    from distill.export import export_source
+
+    source = _source(args, args.model_or_run, args.weights)
+    result = export_source(source, args.format, args.out, quantize=args.quantize, tolerance=args.tolerance,
+                           samples=args.samples, max_accuracy_drop=args.max_accuracy_drop)
+    console = _console()
+    p = result.parity
+    console.print(f"exported {result.format}{' int8' if result.quantize else ''}: {result.path} "
+                  f"({result.size_bytes / 2**20:.2f} MiB)", markup=False)
+    console.print(f"parity against the {p.reference}: max |logit difference| {p.max_abs_diff:.3g} "
+                  f"(allowed {p.allowed:.3g}), top-1 agreement {100 * p.agreement:.2f}% on {p.samples} samples",
+                  markup=False)
+    q = result.quantization
+    if q is not None:
+        console.print(f"int8 vs fp32: max |logit difference| {q.max_abs_diff:.3g}, top-1 agreement "
+                      f"{100 * q.agreement:.2f}%", markup=False)
+        if q.accuracy_fp32 is not None:
+            console.print(f"test accuracy ({q.test_samples} samples): fp32 {100 * q.accuracy_fp32:.2f}%, "
+                          f"int8 {100 * q.accuracy_int8:.2f}% ({0.0 - 100 * q.accuracy_drop:+.2f} points)", markup=False)
+    if args.json:
+        from distill.checkpoints import atomic_write
+
+        text = json.dumps(result.to_dict(), indent=2).encode()
+        atomic_write(Path(args.json), lambda f: f.write(text))
     return 0
 
 
@@ -197,7 +305,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="one-batch dry run of a recipe")
     p.add_argument("recipe")
     recipe_options(p)
+    p.add_argument("--suggest-taps", action="store_true",
+                   help="propose teacher/student tap pairs for feature terms (relative depth and linear CKA)")
+    p.add_argument("--top", type=int, default=4, help="how many tap pairs to propose (default 4)")
     p.set_defaults(func=cmd_check)
+
+    def source_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--input-shape", default=None, help="for a model name: one sample's shape, e.g. 3,32,32")
+        p.add_argument("--classes", type=int, default=10, help="for a model name: number of classes (default 10)")
+        p.add_argument("--data-dir", default=None, help="where the run's data set is stored (default: $DISTILL_DATA)")
+
+    p = sub.add_parser("profile", help="params, size, MACs, peak memory and latency of models or a run's pair")
+    p.add_argument("models", nargs="+", metavar="MODEL_OR_RUN",
+                   help="a run directory (teacher vs student), or model names (the first is the reference)")
+    source_options(p)
+    p.add_argument("--weights", action="append", help="a weights file per model name (optional)")
+    p.add_argument("--batch", type=int, default=32, help="the batch size timed besides 1 (default 32)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and ONNX Runtime (default 1)")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per measurement (default 30)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--no-onnx", action="store_true", help="do not time ONNX Runtime")
+    p.add_argument("--out", default=None, help="also write the profile as JSON to this file")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("export", help="export a run's student (or a model) with a parity check")
+    p.add_argument("model_or_run", metavar="RUN", help="a run directory, or a model name with --input-shape")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    p.add_argument("--quantize", choices=["int8"], default=None, help="dynamic int8 quantisation of linear layers")
+    p.add_argument("--out", default=None, help="the file to write (default: RUN/export/student[-int8].EXT)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed |logit difference|, times max(1, largest |logit|) (default 1e-4)")
+    p.add_argument("--samples", type=int, default=256, help="test samples for the parity check (default 256)")
+    p.add_argument("--max-accuracy-drop", type=float, default=None,
+                   help="with --quantize: fail when int8 test accuracy is lower than fp32 by more (a fraction)")
+    p.add_argument("--weights", default=None, help="for a model name: its weights file")
+    p.add_argument("--json", default=None, help="also write the export report as JSON to this file")
+    source_options(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("cache", help="run the teacher once over the training data and store its outputs")
     p.add_argument("recipe")

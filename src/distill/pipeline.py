@@ -353,6 +353,11 @@ class Run:
         teacher_logits, targets = predict(teacher, prepared.test_loader)
         teacher_metrics = classification_metrics(teacher_logits, targets)
         self.say(f"teacher: test accuracy {100 * teacher_metrics['accuracy']:.2f}%")
+        from distill.quality import assess_teacher  # the teacher quality gate (recipe: teacher.gate)
+
+        gate = assess_teacher(recipe.teacher.gate, teacher, prepared, teacher_logits, targets, recipe.baseline.enabled)
+        for line in (gate.summary(), *gate.notes):
+            self.say(line)
         signal = self._signal(teacher, prepared) if recipe.distill.enabled and recipe.distill.peers == 1 else None
         assistants: list[dict[str, Any]] = []
         if recipe.assistants and signal is not None:
@@ -393,8 +398,12 @@ class Run:
                 per_seed[role].append(metrics)
                 self.say(f"{role} (seed {seed}): test accuracy {100 * metrics['accuracy']:.2f}%, "
                          f"agreement with teacher {100 * metrics['agreement']:.2f}%")
+                if role == "baseline" and len(per_seed["baseline"]) == 1 and gate.enabled:  # before distilling
+                    gate.check_baseline(metrics["accuracy"]).raise_if_failed()
+                    self.say(gate.summary())
 
         results = self._summarise(teacher, teacher_metrics, per_seed, prepared)
+        results["teacher_gate"] = gate.to_dict()
         if assistants:
             results["assistants"] = assistants
         if generations:  # born-again: mean accuracy of each generation (the last is "student")

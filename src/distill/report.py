@@ -114,6 +114,17 @@ def plot_accuracy_vs_params(results: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def gate_lines(results: dict[str, Any]) -> list[str]:
+    """The teacher quality gate's outcome and the suggested temperature (:mod:`distill.quality`)."""
+    gate = results.get("teacher_gate")
+    if not gate:
+        return []
+    if not gate.get("enabled", True):
+        return ["teacher gate: disabled"]
+    lines = ["teacher gate: " + ("passed" if gate.get("passed") else "FAILED: " + "; ".join(gate.get("failures", [])))]
+    return lines + list(gate.get("notes", []))
+
+
 def write_report(run_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
     """Write ``report.md`` and its plots into ``run_dir``; return the report's path."""
     run_dir = Path(run_dir)
@@ -126,6 +137,7 @@ def write_report(run_dir: str | Path, results: dict[str, Any] | None = None) -> 
         f"{results.get('threads')} thread(s)."
     )
     lines += ["", markdown_table(results), "", f"**Verdict:** {results.get('verdict', '')}", ""]
+    lines += [f"- {line}" for line in gate_lines(results)] + ([""] if gate_lines(results) else [])
     plot_accuracy_vs_params(results, run_dir / "accuracy_vs_params.png")
     lines += ["![accuracy vs parameters](accuracy_vs_params.png)", ""]
     if plot_losses(run_dir, run_dir / "losses.png"):

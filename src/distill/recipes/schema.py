@@ -119,6 +119,16 @@ class AssistantSpec(ModelSpec):
     train: TrainSpec | None = Field(None, description="default: the student's schedule")
 
 
+class GateSpec(Strict):
+    """The teacher quality gate (:mod:`distill.quality`): stop before distilling from a weak teacher."""
+
+    enabled: bool = True
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="fail below this test accuracy (a fraction)")
+    require_better_than_baseline: bool = Field(
+        True, description="fail unless the teacher beats the student trained alone (the first seed's baseline)"
+    )
+
+
 class TeacherSpec(ModelSpec):
     """A teacher: trained by the run (``train``) or loaded (``weights``)."""
 
@@ -132,6 +142,7 @@ class TeacherSpec(ModelSpec):
     )
     cache_topk: int | None = Field(None, ge=1, description="store only the top-k classes and the tail mass")
     cache_dtype: Literal["fp16", "fp32"] = "fp16"
+    gate: GateSpec = Field(default_factory=GateSpec)
     ensemble: EnsembleSpec | None = Field(None, description="average this teacher with more")
 
 

@@ -1,0 +1,413 @@
+"""Export the student for deployment, and prove the exported file computes what the model did.
+
+    result = export_run("runs/mnist", "onnx", quantize="int8")
+    result.parity.max_abs_diff, result.parity.agreement, result.quantization.accuracy_int8
+
+Formats: ``onnx`` (``torch.onnx.export``, the TorchScript-based exporter, opset 17, dynamic batch
+axis; needs the ``onnx`` extra), ``torchscript`` (``torch.jit.trace``) and ``safetensors`` (the
+weights alone). Only the student is exported: no teacher, no adapters.
+
+The parity check runs the serialised bytes, loaded back the way a user would load them (ONNX
+Runtime, ``torch.jit.load``, a fresh model given the weights), on real batches (the run's test
+split; random inputs when only a model is given), with a batch of one first so a batch size baked
+into the graph is caught. It compares the logits with those of the model the file was made from:
+the largest absolute difference must not exceed ``tolerance × max(1, scale)``, where ``scale`` is
+the largest absolute logit of the model (float32 rounding grows with the size of the numbers:
+an untrained ResNet-110 has logits near 1e7), and top-1 agreement is reported.
+A failed check raises :class:`DistillError` and writes nothing; a file that passes is written
+atomically.
+
+``quantize="int8"``: dynamic int8 quantisation of the linear layers (weights stored in int8,
+activations quantised on the fly): ``torch.ao.quantization.quantize_dynamic`` on ``nn.Linear``
+for TorchScript, ``onnxruntime.quantization.quantize_dynamic`` on ``MatMul``/``Gemm`` for ONNX.
+Quantisation changes the logits by design, so the tolerance applies to the file against the model
+it serialises (the int8 eager model for TorchScript; for ONNX the fp32 graph is checked before it
+is quantised), and the effect of quantisation is reported separately: logit difference and
+agreement with the fp32 model, and test accuracy in fp32 and int8 when labelled data is at hand
+(``max_accuracy_drop`` turns the accuracy drop into a failure).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.checkpoints import atomic_write
+from distill.errors import DistillError
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
+QUANTIZE = ("int8",)
+ONNX_OPSET = 17
+DEFAULT_TOLERANCE = 1e-4
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def require_onnx():
+    """``(onnx, onnxruntime)``, or an error naming the extra to install."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise DistillError(
+            f"ONNX needs the onnx extra ({exc.name} is not installed): pip install distill[onnx]"
+        ) from None
+    return onnx, onnxruntime
+
+
+# ------------------------------------------------------------------------------ serialisers
+def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    """``model`` as an ONNX graph (opset 17, input ``input`` and output ``logits`` with a dynamic
+    batch axis), traced on the CPU with ``example``."""
+    require_onnx()
+    model = copy.deepcopy(model).cpu().eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
+        warnings.simplefilter("ignore")
+        # dynamo=False: the torch.export-based exporter needs onnxscript, which the extra lacks
+        torch.onnx.export(
+            model, (example.cpu(),), buffer, dynamo=False, opset_version=ONNX_OPSET,
+            input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    return buffer.getvalue()
+
+
+def onnx_session(model: bytes | str | Path, threads: int = 1, device: str = "cpu"):
+    """An ONNX Runtime session with ``threads`` intra-op threads (CUDA provider when asked for and
+    installed, else the CPU one)."""
+    _, ort = require_onnx()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, sess_options=options, providers=providers)
+
+
+def onnx_quantize_int8(data: bytes) -> bytes:
+    """Dynamic int8 quantisation of an ONNX graph's ``MatMul``/``Gemm`` weights (ONNX Runtime)."""
+    require_onnx()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="distill-quantize-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(data)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # its advice to pre-process applies to static quantisation
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(previous)
+        return dst.read_bytes()
+
+
+def torch_quantize_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its ``nn.Linear`` layers dynamically quantised to int8."""
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError:  # pragma: no cover - a future torch without torch.ao.quantization
+        raise DistillError("this torch has no torch.ao.quantization; export int8 with --format onnx") from None
+    with warnings.catch_warnings():  # torch announces the move of eager quantisation to torchao
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def torchscript_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    """``model`` traced with ``example`` and saved with ``torch.jit.save``."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        # check_trace off: the parity check below runs the saved file itself
+        traced = torch.jit.trace(model.cpu().eval(), example.cpu(), check_trace=False)
+        torch.jit.save(traced, buffer)
+    return buffer.getvalue()
+
+
+def safetensors_bytes(model: nn.Module) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
+    return save(tensors)
+
+
+def _serialise(model: nn.Module, fmt: str, example: torch.Tensor) -> bytes:
+    if fmt == "onnx":
+        return onnx_bytes(model, example)
+    if fmt == "torchscript":
+        return torchscript_bytes(model, example)
+    return safetensors_bytes(model)
+
+
+def load_exported(fmt: str, data: bytes, rebuild: Callable[[], nn.Module] | None = None) -> Runner:
+    """Load serialised bytes back as a user would, as a function ``inputs -> logits`` (CPU)."""
+    if fmt == "onnx":
+        session = onnx_session(data)
+        name = session.get_inputs()[0].name
+
+        def run_onnx(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
+
+        return run_onnx
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        module.eval()
+    else:
+        from safetensors.torch import load
+
+        if rebuild is None:
+            raise DistillError("loading safetensors back needs the model to load them into")
+        module = rebuild().cpu().eval()
+        module.load_state_dict(load(data), strict=True)
+    return _eager(module)
+
+
+def _eager(model: nn.Module) -> Runner:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x.cpu()).float()
+
+    return run
+
+
+# ------------------------------------------------------------------------------ checks
+@dataclass
+class Parity:
+    """Exported file against the model it was made from, on ``samples`` inputs."""
+
+    reference: str
+    samples: int
+    max_abs_diff: float
+    agreement: float
+    tolerance: float
+    scale: float  # the largest absolute logit of the reference
+
+    @property
+    def allowed(self) -> float:
+        return self.tolerance * max(1.0, self.scale)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.allowed
+
+
+@dataclass
+class QuantizationEffect:
+    """int8 against the fp32 model: logits on the parity inputs, accuracy on labelled test data."""
+
+    scheme: str
+    max_abs_diff: float
+    agreement: float
+    accuracy_fp32: float | None = None
+    accuracy_int8: float | None = None
+    test_samples: int | None = None
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.accuracy_fp32 is None or self.accuracy_int8 is None:
+            return None
+        return self.accuracy_fp32 - self.accuracy_int8
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    quantize: str | None
+    size_bytes: int
+    parity: Parity
+    quantization: QuantizationEffect | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"path": str(self.path), "format": self.format, "quantize": self.quantize,
+               "size_bytes": self.size_bytes,
+               "parity": {**asdict(self.parity), "allowed": self.parity.allowed, "passed": self.parity.passed}}
+        if self.quantization is not None:
+            out["quantization"] = {**asdict(self.quantization), "accuracy_drop": self.quantization.accuracy_drop}
+        return out
+
+
+def compare_logits(a: Runner, b: Runner, inputs: Sequence[torch.Tensor]) -> tuple[float, float, int, float]:
+    """Largest absolute logit difference, top-1 agreement, sample count of ``a`` vs ``b``, and
+    the largest absolute logit of ``b``."""
+    worst, agree, count, scale, predictions = 0.0, 0, 0, 0.0, 0
+    for x in inputs:
+        la, lb = a(x).float(), b(x).float()
+        if la.shape != lb.shape:
+            raise DistillError(f"exported model gives logits of shape {tuple(la.shape)}, the model {tuple(lb.shape)}")
+        worst = max(worst, float((la - lb).abs().max()))
+        scale = max(scale, float(lb.abs().max()))
+        same = la.argmax(-1) == lb.argmax(-1)  # [b], or [b, T] for per-token logits
+        agree += int(same.sum())
+        predictions += same.numel()
+        count += len(x)
+    return worst, agree / max(predictions, 1), count, scale
+
+
+def accuracy_of(run: Runner, batches: Iterable[dict]) -> tuple[float, int]:
+    correct = total = 0
+    for batch in batches:
+        correct += int((run(batch["input"]).argmax(-1) == batch["target"]).sum())
+        total += batch["target"].numel()
+    return correct / max(total, 1), total
+
+
+def random_inputs(model: nn.Module, input_shape: Sequence[int], n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` random inputs ``[n, *input_shape]``: standard normal, or token ids (as float32, the
+    way the batch loader hands sequences over) below the vocabulary size when the model starts
+    with an embedding."""
+    generator = torch.Generator().manual_seed(seed)
+    first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.Linear, nn.Conv1d, nn.Conv2d))), None)
+    if isinstance(first, nn.Embedding):
+        return torch.randint(0, first.num_embeddings, (n, *input_shape), generator=generator).float()
+    return torch.randn(n, *input_shape, generator=generator)
+
+
+def parity_inputs(x: torch.Tensor, batch: int = 64) -> list[torch.Tensor]:
+    """``x`` as a batch of one, then batches of ``batch`` (a baked-in batch size fails the first)."""
+    return [x[:1], *x[1:].split(batch)] if len(x) > 1 else [x]
+
+
+# ------------------------------------------------------------------------------ export
+def export_model(
+    model: nn.Module,
+    path: str | Path,
+    fmt: str,
+    inputs: Sequence[torch.Tensor],
+    *,
+    quantize: str | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    rebuild: Callable[[], nn.Module] | None = None,
+    test_batches: Iterable[dict] | None = None,
+    max_accuracy_drop: float | None = None,
+) -> ExportResult:
+    """Export ``model`` to ``path`` in ``fmt`` after the parity check on ``inputs`` (a list of
+    input batches ``[b, ...]``; see the module). ``rebuild`` makes a fresh model to load exported
+    safetensors into (default: a copy of ``model``). ``test_batches`` (``{"input", "target"}``
+    dicts) measure fp32 and int8 accuracy when quantising. Raises :class:`DistillError` when the
+    check fails; nothing is written then."""
+    if fmt not in FORMATS:
+        raise DistillError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise DistillError(f"unknown quantisation '{quantize}'; choose int8")
+    if quantize and fmt == "safetensors":
+        raise DistillError("int8 export needs --format torchscript or onnx: safetensors holds plain "
+                           "tensors, not quantised layers")
+    if not inputs:
+        raise DistillError("the parity check needs at least one input batch")
+    if fmt == "onnx":
+        require_onnx()
+    model = copy.deepcopy(model).cpu().eval()
+    inputs = [x.cpu() for x in inputs]
+    example = inputs[0]
+    fp32 = _eager(model)
+    rebuild = rebuild or (lambda: copy.deepcopy(model))
+
+    effect_runner = None
+    if quantize and fmt == "torchscript":
+        reference_model = torch_quantize_int8(model)
+        reference, label = _eager(reference_model), "int8 eager model (torch quantize_dynamic)"
+        data = _serialise(reference_model, fmt, example)
+        loaded = effect_runner = load_exported(fmt, data)
+    else:
+        reference, label = fp32, "fp32 eager model"
+        data = _serialise(model, fmt, example)
+        loaded = load_exported(fmt, data, rebuild)
+        if quantize:  # onnx: the fp32 graph is checked, then quantised
+            label = "fp32 eager model (the ONNX graph before int8 quantisation)"
+            data = onnx_quantize_int8(data)
+            effect_runner = load_exported(fmt, data)
+
+    worst, agree, count, scale = compare_logits(loaded, reference, inputs)
+    parity = Parity(reference=label, samples=count, max_abs_diff=worst, agreement=agree, tolerance=tolerance,
+                    scale=scale)
+    if not parity.passed:
+        raise DistillError(
+            f"parity check failed: the exported {fmt} model's logits differ from the {label}'s by up to "
+            f"{worst:.3g} > {parity.allowed:.3g} (tolerance {tolerance:g} x max(1, largest logit {scale:.3g})); "
+            f"top-1 agreement {100 * agree:.2f}% on {count} samples; nothing was written. "
+            "Raise --tolerance only if that difference is acceptable"
+        )
+
+    effect = None
+    if quantize:
+        q_worst, q_agree, _, _ = compare_logits(effect_runner, fp32, inputs)
+        effect = QuantizationEffect(scheme=f"dynamic int8 ({'MatMul/Gemm' if fmt == 'onnx' else 'nn.Linear'})",
+                                    max_abs_diff=q_worst, agreement=q_agree)
+        if test_batches is not None:
+            batches = list(test_batches)
+            effect.accuracy_fp32, effect.test_samples = accuracy_of(fp32, batches)
+            effect.accuracy_int8, _ = accuracy_of(effect_runner, batches)
+            drop = effect.accuracy_drop
+            if max_accuracy_drop is not None and drop > max_accuracy_drop:
+                raise DistillError(
+                    f"int8 accuracy {100 * effect.accuracy_int8:.2f}% is {100 * drop:.2f} points below fp32 "
+                    f"({100 * effect.accuracy_fp32:.2f}%), more than --max-accuracy-drop "
+                    f"{100 * max_accuracy_drop:.2f}; nothing was written. Export fp32, or quantise fewer layers"
+                )
+    written = atomic_write(Path(path).expanduser(), lambda f: f.write(data))
+    return ExportResult(path=written, format=fmt, quantize=quantize, size_bytes=len(data), parity=parity,
+                        quantization=effect)
+
+
+def default_path(base: Path, name: str, fmt: str, quantize: str | None) -> Path:
+    return base / f"{name}{'-' + quantize if quantize else ''}{FORMATS[fmt]}"
+
+
+def export_source(
+    source,
+    fmt: str,
+    out: str | Path | None = None,
+    *,
+    quantize: str | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    samples: int = 256,
+    max_accuracy_drop: float | None = None,
+    seed: int = 0,
+) -> ExportResult:
+    """Export the student of a :class:`~distill.finished_run.FinishedRun` (parity on the first
+    ``samples`` test inputs, quantised accuracy on the whole test split) or a
+    :class:`~distill.finished_run.NamedModel` (parity on ``samples`` random inputs). The default
+    ``out`` is ``RUN/export/student[-int8].<ext>``, or ``<model>[-int8].<ext>`` here."""
+    from distill.finished_run import FinishedRun
+
+    if samples < 1:
+        raise DistillError("--samples must be at least 1")
+    if isinstance(source, FinishedRun):
+        model, rebuild = source.student(), source.fresh_student
+        test_loader = source.prepared.test_loader
+        taken, count = [], 0
+        for batch in test_loader:
+            taken.append(batch["input"][: samples - count])
+            count += len(taken[-1])
+            if count >= samples:
+                break
+        x = torch.cat(taken)
+        path = Path(out) if out else default_path(source.path / "export", "student", fmt, quantize)
+        test_batches = test_loader if quantize else None
+    else:
+        model = source.build()
+        rebuild = lambda: type(source)(source.name, source.input_shape, source.num_classes, None, source.kwargs).build()  # noqa: E731
+        x = random_inputs(model, source.input_shape, samples, seed)
+        path = Path(out) if out else default_path(Path("."), source.name.replace(":", "_"), fmt, quantize)
+        test_batches = None
+    return export_model(model, path, fmt, parity_inputs(x), quantize=quantize, tolerance=tolerance,
+                        rebuild=rebuild, test_batches=test_batches, max_accuracy_drop=max_accuracy_drop)

@@ -1,0 +1,141 @@
+"""What ``distill profile`` and ``distill export`` work on: a finished run, or a model by name.
+
+A run directory made by ``distill run`` holds ``recipe.yaml`` (the resolved recipe), the teacher's
+weights (``teacher.safetensors`` when the run trained it, else the recipe's ``teacher.weights``)
+and the distilled student's (``student.safetensors``, the first seed's; each seed's is also in
+``stages/student-seed<N>/student.safetensors``). :class:`FinishedRun` reads them back and rebuilds
+the models from the recipe; :class:`NamedModel` is a zoo name (or ``package.module:callable``)
+with the input shape and class count given by the caller.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from distill.errors import DistillError, nearest
+
+
+@dataclass
+class NamedModel:
+    """A model built from the zoo: ``create_model(name, num_classes, input_shape, weights)``."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int = 10
+    weights: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        from distill.models import create_model
+
+        return create_model(self.name, self.num_classes, self.input_shape, weights=self.weights, **self.kwargs)
+
+
+class FinishedRun:
+    """The recipe, data and weight files of a run directory made by ``distill run``."""
+
+    def __init__(self, path: str | Path, data_dir: str | Path | None = None) -> None:
+        from distill.recipes import load_recipe
+
+        self.path = Path(path)
+        recipe_file = self.path / "recipe.yaml"
+        if not recipe_file.is_file():
+            raise DistillError(f"{self.path} is not a run directory: it has no recipe.yaml (made by `distill run`)")
+        self.recipe = load_recipe(recipe_file)
+        self.data_dir = data_dir
+
+    @cached_property
+    def prepared(self):
+        """The run's data and loaders (:class:`distill.pipeline.Prepared`), loaded once."""
+        from distill.pipeline import prepare_data
+
+        return prepare_data(self.recipe, self.data_dir)
+
+    def teacher_weights(self) -> Path:
+        trained = self.path / "teacher.safetensors"
+        if trained.is_file():
+            return trained
+        given = self.recipe.teacher.weights
+        if given is not None:
+            for candidate in (Path(given).expanduser(), self.path / given):
+                if candidate.is_file():
+                    return candidate
+        raise DistillError(
+            f"run {self.path} has no teacher weights: neither teacher.safetensors nor the recipe's "
+            f"teacher.weights ({given}) exists"
+        )
+
+    def student_weights(self) -> Path:
+        final = self.path / "student.safetensors"
+        if final.is_file():
+            return final
+        for seed in self.recipe.seeds:
+            staged = self.path / "stages" / f"student-seed{seed}" / "student.safetensors"
+            if staged.is_file():
+                return staged
+        raise DistillError(
+            f"run {self.path} has no distilled student weights (student.safetensors): did the run finish? "
+            f"Continue it with `distill run RECIPE --out {self.path} --resume`"
+        )
+
+    def _build(self, spec, weights: Path) -> nn.Module:
+        from distill.models import create_model
+
+        data = self.prepared.data
+        kwargs = dict(spec.kwargs)
+        return create_model(spec.model, data.num_classes, data.input_shape, weights=weights, **kwargs)
+
+    def teacher(self) -> nn.Module:
+        return self._build(self.recipe.teacher, self.teacher_weights()).eval()
+
+    def student(self) -> nn.Module:
+        """The distilled student alone (no teacher, no adapters)."""
+        return self._build(self.recipe.student, self.student_weights()).eval()
+
+    def fresh_student(self) -> nn.Module:
+        """An untrained student of the same architecture (to load an exported weights file into)."""
+        from distill.models import create_model
+
+        data = self.prepared.data
+        return create_model(self.recipe.student.model, data.num_classes, data.input_shape,
+                            **dict(self.recipe.student.kwargs)).eval()
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"3,32,32"`` (or ``3x32x32``) -> ``(3, 32, 32)``."""
+    parts = [p.strip() for p in re.split(r"[,x]", text.strip())]
+    shape = tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else ()
+    if not shape or any(d < 1 for d in shape):
+        raise DistillError(f"--input-shape expects positive integers such as 3,32,32, got '{text}'")
+    return shape
+
+
+def resolve_source(
+    text: str,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int = 10,
+    weights: str | None = None,
+    data_dir: str | Path | None = None,
+) -> FinishedRun | NamedModel:
+    """A run directory (it holds ``recipe.yaml``) or a model name; anything else is an error
+    naming the nearest model names."""
+    from distill.models import MODELS
+
+    path = Path(text)
+    if path.is_dir():
+        return FinishedRun(path, data_dir)
+    if ":" in text or text in MODELS:
+        if input_shape is None:
+            raise DistillError(f"model '{text}' needs --input-shape (e.g. --input-shape 3,32,32) and --classes")
+        return NamedModel(text, input_shape, num_classes, weights)
+    near = nearest(text, MODELS.names())
+    raise DistillError(
+        f"'{text}' is neither a run directory nor a model name; nearest models: {', '.join(near)}"
+    )
