@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from distill.objective import Distiller, DryRunReport
-from distill.pipeline import (build_model, check_classes, prepare_data, stage_transform, terms_from,
-                              train_loader)
+from distill.pipeline import stage_transform, terms_from
 from distill.recipes.schema import Recipe
 
 
@@ -28,9 +27,12 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> CheckRep
     The teacher is untrained unless the recipe gives its weights: shapes and gradients are what is
     checked, not accuracy.
     """
-    prepared = prepare_data(recipe, data_dir)
+    from distill.tasks.base import get_task
+
+    task = get_task(recipe.task)
+    prepared = task.prepare(recipe, data_dir)
     seed = recipe.seeds[0]
-    teacher = build_model(recipe.teacher, prepared.data, seed)
+    teacher = task.build_model(recipe.teacher, prepared, seed)
     if recipe.teacher.device is not None:
         from distill.signals import parse_device
 
@@ -38,28 +40,30 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> CheckRep
     if recipe.teacher.ensemble is not None:
         from distill.ensemble import TeacherEnsemble
 
-        members = [build_model(m, prepared.data, seed) for m in recipe.teacher.ensemble.members]
+        members = [task.build_model(m, prepared, seed) for m in recipe.teacher.ensemble.members]
         teacher = TeacherEnsemble([teacher, *members], recipe.teacher.ensemble.weights, recipe.teacher.ensemble.combine)
-    check_classes(teacher, build_model(recipe.student, prepared.data, seed), prepared)
+    task.check_models(teacher, task.build_model(recipe.student, prepared, seed), prepared)
     report = CheckReport()
     stages = [("baseline", recipe.student, recipe.baseline, None)]
     for i, spec in enumerate(recipe.assistants):  # each assistant is distilled from the model before it
         stages.append((f"assistant{i + 1}", spec, recipe.distill, teacher))
-        teacher = build_model(spec, prepared.data, seed)
+        teacher = task.build_model(spec, prepared, seed)
     stages.append(("distill", recipe.student, recipe.distill, teacher))
     for name, model_spec, stage, teacher_arg in stages:
         if not stage.enabled:
             continue
-        student = build_model(model_spec, prepared.data, seed)
+        student = task.build_model(model_spec, prepared, seed)
         if name == "distill" and stage.peers > 1:
             from distill.mutual import MutualLearner
 
-            peers = [build_model(recipe.student, prepared.data, seed + k) for k in range(1, stage.peers)]
-            distiller = MutualLearner([student, *peers], terms_from(stage), num_samples=len(prepared.train))
+            peers = [task.build_model(recipe.student, prepared, seed + k) for k in range(1, stage.peers)]
+            distiller = MutualLearner([student, *peers], terms_from(stage), feed=task.feed,
+                                      num_samples=len(prepared.train))
         else:
-            distiller = Distiller(student, teacher_arg, terms_from(stage), num_samples=len(prepared.train))
+            distiller = Distiller(student, teacher_arg, terms_from(stage), feed=task.feed,
+                                  num_samples=len(prepared.train))
         spec = stage.train or recipe.train
-        batch = next(iter(train_loader(recipe, prepared, spec.batch_size, seed)))
+        batch = next(iter(task.train_loader(recipe, prepared, spec.batch_size, seed)))
         transform = stage_transform(recipe, stage)
         if transform is not None:
             batch = transform(batch, torch.Generator().manual_seed(0))

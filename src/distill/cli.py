@@ -36,10 +36,10 @@ def _console():
 def _print_results(console, results: dict) -> None:
     from rich.table import Table
 
-    from distill.report import HEADER, table_rows
+    from distill.report import header, table_rows
 
     table = Table(title=f"{results.get('recipe')}: test set, mean ± std over seeds {results.get('seeds')}")
-    for column in HEADER:
+    for column in header(results):
         table.add_column(column, justify="right" if column else "left")
     for row in table_rows(results):
         table.add_row(*row)

@@ -181,6 +181,9 @@ class Run:
         # Under `accelerate launch` / `torchrun` every process runs this; only the main one writes.
         self.state = distributed_state()
         self.main = self.state.is_main_process
+        from distill.tasks.base import get_task
+
+        self.task = get_task(recipe.task)
         self._check_function_matching()
         self._check_cache()
         exists = self.run_dir.exists() and any(self.run_dir.iterdir())
@@ -200,6 +203,8 @@ class Run:
         recipe = self.recipe
         if recipe.teacher.cache is None:
             return
+        if not self.task.supports_cache:
+            raise DistillError(f"teacher.cache is not available for task '{self.task.name}'; use the live teacher")
         if recipe.data.augment.shift or recipe.distill.mixup_alpha:
             raise DistillError(
                 "teacher.cache cannot serve data.augment.shift or distill.mixup_alpha: those change the "
@@ -237,10 +242,12 @@ class Run:
         if peers:
             from distill.mutual import MutualLearner
 
-            distiller = MutualLearner([model, *peers], terms_from(stage), num_samples=len(prepared.train))
+            distiller = MutualLearner([model, *peers], terms_from(stage), feed=self.task.feed,
+                                      num_samples=len(prepared.train))
         else:
-            distiller = Distiller(model, teacher, terms_from(stage), num_samples=len(prepared.train))
-        loader = train_loader(self.recipe, prepared, spec.batch_size, seed)
+            distiller = Distiller(model, teacher, terms_from(stage), feed=self.task.feed,
+                                  num_samples=len(prepared.train))
+        loader = self.task.train_loader(self.recipe, prepared, spec.batch_size, seed)
         first = next(iter(loader))
         transform = stage_transform(self.recipe, stage)
         report = distiller.dry_run(transform(first, torch.Generator().manual_seed(0)) if transform else first)
@@ -248,11 +255,10 @@ class Run:
             raise DistillError(f"{name}: " + "; ".join(report.problems))
         evaluate = None
         if prepared.val_loader is not None:
-            val_loader = prepared.val_loader
+            task = self.task
 
             def evaluate(m: Distiller) -> dict[str, float]:
-                logits, targets = predict(m.student, val_loader)
-                return classification_metrics(logits, targets)
+                return task.evaluate(m.student, prepared, None, split="val")
 
         trainer = Trainer(
             distiller, loader, train_config(spec, seed, self.progress), evaluate=evaluate,
@@ -272,7 +278,7 @@ class Run:
         teacher=None, stage: StageSpec | None = None,
     ) -> nn.Module:
         """The model of ``spec``: loaded, or trained as stage ``name`` (on labels, or from ``teacher``)."""
-        model = build_model(spec, prepared.data, seed)
+        model = self.task.build_model(spec, prepared, seed)
         if train is None:
             return model
         weights_path = self.run_dir / "stages" / name / "model.safetensors"
@@ -313,9 +319,9 @@ class Run:
             model = self._trained(name, spec, spec.train or recipe.train, recipe.seeds[0], prepared,
                                   teacher=signal, stage=recipe.distill)
             metrics = self._evaluate(model, prepared, None)
-            summary.append({"model": spec.model, "accuracy": metrics["accuracy"],
-                            "params": count_parameters(model)})
-            self.say(f"{name} ({spec.model}): test accuracy {100 * metrics['accuracy']:.2f}%")
+            key = self.task.primary_metric
+            summary.append({"model": spec.model, key: metrics[key], "params": count_parameters(model)})
+            self.say(f"{name} ({spec.model}): test {key} {_show(key, metrics[key])}")
             signal = LiveTeacher(model, precision=recipe.teacher.precision, device=recipe.teacher.device)
         return signal, summary
 
@@ -333,29 +339,32 @@ class Run:
                 self.state.wait_for_everyone()
         return open_cache(self.recipe, teacher, prepared, path)
 
-    def _evaluate(self, model: nn.Module, prepared: Prepared, teacher_logits) -> dict[str, float]:
-        logits, targets = predict(model, prepared.test_loader)
-        return classification_metrics(logits, targets, teacher_logits)
+    def _evaluate(self, model: nn.Module, prepared: Prepared, reference) -> dict[str, float]:
+        return self.task.evaluate(model, prepared, reference, split="test")
 
     def execute(self) -> dict[str, Any]:
         recipe = self.recipe
         torch.set_num_threads(recipe.threads or free_cores())
         if self.main:
             atomic_write(self.run_dir / "recipe.yaml", lambda f: f.write(recipe_to_yaml(recipe).encode()))
-        prepared = prepare_data(recipe, self.data_dir)
-        self.say(
-            f"data: {prepared.data.name}: {len(prepared.train)} train"
-            + (f", {len(prepared.val)} validation" if prepared.val is not None else "")
-            + f", {len(prepared.data.test)} test, {prepared.data.num_classes} classes"
-        )
+        task, key = self.task, self.task.primary_metric
+        prepared = task.prepare(recipe, self.data_dir)
+        self.say(f"data: {task.describe(prepared)}")
         teacher = self._teacher(prepared)
-        check_classes(teacher, build_model(recipe.student, prepared.data, 0), prepared)
-        teacher_logits, targets = predict(teacher, prepared.test_loader)
-        teacher_metrics = classification_metrics(teacher_logits, targets)
-        self.say(f"teacher: test accuracy {100 * teacher_metrics['accuracy']:.2f}%")
-        from distill.quality import assess_teacher  # the teacher quality gate (recipe: teacher.gate)
+        task.check_models(teacher, task.build_model(recipe.student, prepared, 0), prepared)
+        teacher_logits = task.reference(teacher, prepared)
+        teacher_metrics = task.evaluate(teacher, prepared, None)
+        self.say(f"teacher: test {key} {_show(key, teacher_metrics[key])}")
+        from distill.quality import assess_teacher, teacher_gate  # the teacher quality gate (teacher.gate)
 
-        gate = assess_teacher(recipe.teacher.gate, teacher, prepared, teacher_logits, targets, recipe.baseline.enabled)
+        if task.name == "classification":
+            targets = torch.cat([b["target"] for b in prepared.test_loader])
+            gate = assess_teacher(recipe.teacher.gate, teacher, prepared, teacher_logits, targets, recipe.baseline.enabled)
+        else:  # no calibration outside classification: the threshold and the baseline comparison
+            spec = recipe.teacher.gate
+            gate = teacher_gate(teacher_metrics[key], min_accuracy=spec.min_accuracy, enabled=spec.enabled,
+                                require_better_than_baseline=spec.require_better_than_baseline)
+            gate.raise_if_failed()
         for line in (gate.summary(), *gate.notes):
             self.say(line)
         signal = self._signal(teacher, prepared) if recipe.distill.enabled and recipe.distill.peers == 1 else None
@@ -375,7 +384,7 @@ class Run:
                     generations.append(accuracies)
                 name = f"{role}-seed{seed}"
                 done = self._stage_done(name)
-                model = build_model(recipe.student, prepared.data, seed)
+                model = task.build_model(recipe.student, prepared, seed)
                 weights = self.run_dir / "stages" / name / "student.safetensors"
                 if done and weights.exists():
                     metrics = done["test"]
@@ -386,7 +395,7 @@ class Run:
                     spec = stage.train or recipe.train
                     peers = None
                     if role == "student" and stage.peers > 1:  # mutual learning: fresh peers, other seeds
-                        peers = [build_model(recipe.student, prepared.data, seed + 7919 * k) for k in range(1, stage.peers)]
+                        peers = [task.build_model(recipe.student, prepared, seed + 7919 * k) for k in range(1, stage.peers)]
                     model, history = self._train_stage(name, seed, model, teacher_arg, stage, spec, prepared, peers)
                     metrics = self._evaluate(model, prepared, teacher_logits)
                     if self.main:
@@ -396,10 +405,11 @@ class Run:
                     if role == "student" and student_model is None:
                         student_model = model
                 per_seed[role].append(metrics)
-                self.say(f"{role} (seed {seed}): test accuracy {100 * metrics['accuracy']:.2f}%, "
-                         f"agreement with teacher {100 * metrics['agreement']:.2f}%")
+                agreement = (f", agreement with teacher {100 * metrics['agreement']:.2f}%"
+                             if "agreement" in metrics else "")
+                self.say(f"{role} (seed {seed}): test {key} {_show(key, metrics[key])}{agreement}")
                 if role == "baseline" and len(per_seed["baseline"]) == 1 and gate.enabled:  # before distilling
-                    gate.check_baseline(metrics["accuracy"]).raise_if_failed()
+                    gate.check_baseline(metrics[key]).raise_if_failed()
                     self.say(gate.summary())
 
         results = self._summarise(teacher, teacher_metrics, per_seed, prepared)
@@ -409,7 +419,7 @@ class Run:
         if generations:  # born-again: mean accuracy of each generation (the last is "student")
             results["generations"] = [statistics.fmean(g) for g in zip(*generations)]
             if "student" in results:
-                results["generations"].append(results["student"]["accuracy"])
+                results["generations"].append(results["student"][key])
         if self.main:
             if student_model is not None:
                 save_weights(student_model, self.run_dir / "student.safetensors")
@@ -428,16 +438,17 @@ class Run:
             name = f"student-gen{g}-seed{seed}"
             model = self._trained(name, recipe.student, recipe.distill.train or recipe.train, seed + 104729 * g,
                                   prepared, teacher=signal, stage=recipe.distill)
-            accuracies.append(self._evaluate(model, prepared, teacher_logits)["accuracy"])
-            self.say(f"born-again generation {g} (seed {seed}): test accuracy {100 * accuracies[-1]:.2f}%")
+            key = self.task.primary_metric
+            accuracies.append(self._evaluate(model, prepared, teacher_logits)[key])
+            self.say(f"born-again generation {g} (seed {seed}): test {key} {_show(key, accuracies[-1])}")
             signal = LiveTeacher(model, precision=recipe.teacher.precision, device=recipe.teacher.device)
         return signal, accuracies
 
     def _summarise(self, teacher, teacher_metrics, per_seed, prepared) -> dict[str, Any]:
         recipe = self.recipe
-        example = next(iter(prepared.test_loader))["input"][:1]
-        student_arch = build_model(recipe.student, prepared.data, 0)
-        measure_latency = recipe.evaluate.latency
+        example = self.task.latency_input(prepared)
+        student_arch = self.task.build_model(recipe.student, prepared, 0)
+        measure_latency = recipe.evaluate.latency and example is not None
         repeats = recipe.evaluate.latency_repeats
 
         def describe(model: nn.Module) -> dict[str, Any]:
@@ -450,7 +461,9 @@ class Run:
         student_info = describe(student_arch)
         results: dict[str, Any] = {
             "recipe": recipe.name,
-            "data": prepared.data.name,
+            "task": self.task.name,
+            "primary_metric": self.task.primary_metric,
+            "data": recipe.data.name,
             "seeds": list(recipe.seeds),
             "threads": torch.get_num_threads(),
             "teacher": {**teacher_metrics, "agreement": 1.0, "per_seed": None, "model": recipe.teacher.model, **teacher_info},
@@ -463,20 +476,27 @@ class Run:
                 values = [r[key] for r in rows]
                 summary[key] = statistics.fmean(values)
                 summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-            summary["per_seed"] = {"accuracy": [r["accuracy"] for r in rows]}
+            key = self.task.primary_metric
+            summary["per_seed"] = {key: [r[key] for r in rows]}
             results[role] = summary
         results["verdict"] = verdict(results)
         return results
+
+
+def _show(key: str, value: float) -> str:
+    """A metric for the log: fractions in [0, 1] as percentages (accuracy, HR, NDCG, mAP)."""
+    return f"{100 * value:.2f}%" if 0.0 <= value <= 1.0 and key != "perplexity" else f"{value:.4g}"
 
 
 def verdict(results: dict[str, Any]) -> str:
     """One sentence: did distillation beat the student trained alone, beyond the seed spread?"""
     if "baseline" not in results or "student" not in results:
         return "no comparison: the baseline or the distilled student was not trained"
+    key = results.get("primary_metric", "accuracy")
     b, s = results["baseline"], results["student"]
-    gain = 100 * (s["accuracy"] - b["accuracy"])
-    spread = 100 * max(b["accuracy_std"], s["accuracy_std"])
-    n = len(b["per_seed"]["accuracy"])
+    gain = 100 * (s[key] - b[key])
+    spread = 100 * max(b[f"{key}_std"], s[f"{key}_std"])
+    n = len(b["per_seed"][key])
     if n < 2:
         return f"distilled − baseline = {gain:+.2f} points on one seed: run more seeds to judge"
     if gain > spread:

@@ -23,6 +23,7 @@ def _pct(summary: dict, key: str) -> str:
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
     """Rows of the evidence table: role, model, accuracy, agreement, KL, ECE, params, latency."""
+    key = results.get("primary_metric", "accuracy")
     rows = []
     for role, label in ROLES:
         s = results.get(role)
@@ -32,7 +33,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         rows.append([
             label,
             str(s.get("model", "")),
-            _pct(s, "accuracy"),
+            _pct(s, key),
             _pct(s, "agreement") if role != "teacher" else "100",
             f"{kl:.4f}" if kl is not None else "–",
             f"{100 * s['ece']:.2f}" if "ece" in s else "–",
@@ -45,8 +46,14 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
 HEADER = ["", "model", "accuracy %", "agreement %", "KL(t‖s)", "ECE %", "params", "latency ms"]
 
 
+def header(results: dict[str, Any]) -> list[str]:
+    """The table's columns; the first metric is the task's primary one (accuracy, NDCG@10, mAP...)."""
+    return ["", "model", f"{results.get('primary_metric', 'accuracy')} %", *HEADER[3:]]
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    head = header(results)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
     return "\n".join(lines)
 
@@ -90,12 +97,13 @@ def plot_accuracy_vs_params(results: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = results.get("primary_metric", "accuracy")
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for role, label in ROLES:
         s = results.get(role)
         if not s:
             continue
-        ax.errorbar(s["params"], 100 * s["accuracy"], yerr=100 * s.get("accuracy_std", 0.0),
+        ax.errorbar(s["params"], 100 * s[key], yerr=100 * s.get(f"{key}_std", 0.0),
                     fmt="o", capsize=4, label=label)
     from matplotlib.ticker import EngFormatter, FixedLocator, NullLocator
 
@@ -106,7 +114,7 @@ def plot_accuracy_vs_params(results: dict[str, Any], out: Path) -> None:
     ax.xaxis.set_major_formatter(EngFormatter(places=2))
     ax.margins(x=0.3)
     ax.set_xlabel("parameters")
-    ax.set_ylabel("test accuracy %")
+    ax.set_ylabel(f"test {key} %")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -132,7 +140,8 @@ def write_report(run_dir: str | Path, results: dict[str, Any] | None = None) -> 
         results = load_results(run_dir)
     lines = [f"# distill report: {results.get('recipe', run_dir.name)}", ""]
     lines.append(
-        f"Data: `{results.get('data')}`; seeds: {results.get('seeds')}; accuracy is the test-set mean "
+        f"Data: `{results.get('data')}`; seeds: {results.get('seeds')}; "
+        f"{results.get('primary_metric', 'accuracy')} is the test-set mean "
         f"± std over seeds; latency is the median CPU time of one sample at batch 1 with "
         f"{results.get('threads')} thread(s)."
     )

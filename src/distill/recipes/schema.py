@@ -191,6 +191,7 @@ class Recipe(Strict):
     """A whole run: data, teacher, student, the baseline and distilled stages, seeds."""
 
     name: str = "run"
+    task: str = Field("classification", description="what the models do: classification, ranking, detection, ...")
     seeds: list[Seed] = Field(default_factory=lambda: [0])
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads; default: free cores")
     data: DataSpec

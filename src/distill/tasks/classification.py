@@ -90,3 +90,54 @@ def classification_metrics(
         metrics["agreement"] = agreement(logits, teacher_logits)
         metrics["kl_to_teacher"] = kl_teacher_student(logits, teacher_logits)
     return metrics
+
+
+# -- the task ----------------------------------------------------------------------------------
+from distill.tasks.base import TASKS, Task  # noqa: E402
+
+
+@TASKS.register("classification")
+class ClassificationTask(Task):
+    """Images, 1-D signals or vectors with one label each: accuracy, agreement, KL, ECE."""
+
+    name = "classification"
+    primary_metric = "accuracy"
+    supports_cache = True
+
+    def prepare(self, recipe, data_dir):
+        from distill.pipeline import prepare_data
+
+        return prepare_data(recipe, data_dir)
+
+    def describe(self, prepared) -> str:
+        return (
+            f"{prepared.data.name}: {len(prepared.train)} train"
+            + (f", {len(prepared.val)} validation" if prepared.val is not None else "")
+            + f", {len(prepared.data.test)} test, {prepared.data.num_classes} classes"
+        )
+
+    def train_loader(self, recipe, prepared, batch_size: int, seed: int):
+        from distill.pipeline import train_loader
+
+        return train_loader(recipe, prepared, batch_size, seed)
+
+    def build_model(self, spec, prepared, seed: int):
+        from distill.pipeline import build_model
+
+        return build_model(spec, prepared.data, seed)
+
+    def check_models(self, teacher, student, prepared) -> None:
+        from distill.pipeline import check_classes
+
+        check_classes(teacher, student, prepared)
+
+    def reference(self, teacher, prepared):
+        return predict(teacher, prepared.test_loader)[0]
+
+    def evaluate(self, model, prepared, reference=None, split: str = "test") -> dict[str, float]:
+        loader = prepared.test_loader if split == "test" else prepared.val_loader
+        logits, targets = predict(model, loader)
+        return classification_metrics(logits, targets, reference if split == "test" else None)
+
+    def latency_input(self, prepared):
+        return next(iter(prepared.test_loader))["input"][:1]

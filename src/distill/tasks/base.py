@@ -1,0 +1,78 @@
+"""What a task plugs into a run: its data, how models are built and fed, how they are evaluated.
+
+The pipeline (teacher → baseline → distilled → report) is the same for every field; a task says
+what differs. A recipe picks one with ``task: NAME`` (default ``classification``):
+
+    @TASKS.register("ranking")
+    class RankingTask(Task): ...
+
+A task's methods get the recipe and the object its :meth:`Task.prepare` returned, and nothing in
+the pipeline looks inside that object except through the task.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from distill.registry import Registry
+from distill.signals import Feed, default_feed
+
+
+class Task:
+    """The interface; :class:`distill.tasks.classification.ClassificationTask` is the reference."""
+
+    name = "task"
+    #: the metric the verdict, the teacher gate and early stopping compare (higher is better)
+    primary_metric = "accuracy"
+    #: whether a teacher cache (``teacher.cache``) can serve this task's batches
+    supports_cache = False
+    feed: Feed = staticmethod(default_feed)
+
+    def prepare(self, recipe, data_dir) -> Any:
+        """Load the data once for the whole run; returns an object with ``train`` (the training
+        set, whose ``len`` is the number of samples) and ``val_loader`` (or ``None``)."""
+        raise NotImplementedError
+
+    def describe(self, prepared) -> str:
+        """One line about the data, for the run's log."""
+        return f"{len(prepared.train)} training samples"
+
+    def train_loader(self, recipe, prepared, batch_size: int, seed: int):
+        """Batches of the training set for one stage (with ``set_epoch`` and ``len``)."""
+        raise NotImplementedError
+
+    def build_model(self, spec, prepared, seed: int) -> nn.Module:
+        """The model of a recipe's model spec (teacher, student, assistant) for this data."""
+        raise NotImplementedError
+
+    def check_models(self, teacher: nn.Module, student: nn.Module, prepared) -> None:
+        """Raise a :class:`DistillError` when teacher and student cannot be compared (e.g. classes)."""
+
+    def reference(self, teacher: nn.Module, prepared) -> Any:
+        """The teacher's outputs on the test split, for agreement metrics (``None``: none)."""
+        return None
+
+    def evaluate(self, model: nn.Module, prepared, reference: Any = None, split: str = "test") -> dict[str, float]:
+        """Metrics of ``model`` on ``split`` (``test`` or ``val``); includes :attr:`primary_metric`."""
+        raise NotImplementedError
+
+    def latency_input(self, prepared) -> Any:
+        """One sample (batch 1) to time the models on, or ``None`` to skip latency."""
+        return None
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+
+def get_task(name: str) -> Task:
+    """An instance of the task registered as ``name`` (tasks outside the core register on import)."""
+    if name not in TASKS:
+        import importlib
+
+        module = {"ranking": "distill.tasks.ranking", "detection": "distill.tasks.detection",
+                  "causal-lm": "distill.tasks.causal_lm"}.get(name)
+        if module is not None:
+            importlib.import_module(module)
+    return TASKS.get(name)()
