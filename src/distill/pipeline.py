@@ -322,13 +322,14 @@ class Run:
             key = self.task.primary_metric
             summary.append({"model": spec.model, key: metrics[key], "params": count_parameters(model)})
             self.say(f"{name} ({spec.model}): test {key} {_show(key, metrics[key])}")
-            signal = LiveTeacher(model, precision=recipe.teacher.precision, device=recipe.teacher.device)
+            signal = LiveTeacher(model, precision=recipe.teacher.precision, device=recipe.teacher.device,
+                                 feed=self.task.feed)
         return signal, summary
 
     def _signal(self, teacher: nn.Module, prepared: Prepared):
         spec = self.recipe.teacher
         if spec.cache is None:
-            return LiveTeacher(teacher, precision=spec.precision, device=spec.device)
+            return LiveTeacher(teacher, precision=spec.precision, device=spec.device, feed=self.task.feed)
         path = Path(spec.cache)
         if spec.cache == "auto":
             path = self.run_dir / "teacher-cache"
@@ -441,7 +442,8 @@ class Run:
             key = self.task.primary_metric
             accuracies.append(self._evaluate(model, prepared, teacher_logits)[key])
             self.say(f"born-again generation {g} (seed {seed}): test {key} {_show(key, accuracies[-1])}")
-            signal = LiveTeacher(model, precision=recipe.teacher.precision, device=recipe.teacher.device)
+            signal = LiveTeacher(model, precision=recipe.teacher.precision, device=recipe.teacher.device,
+                                 feed=self.task.feed)
         return signal, accuracies
 
     def _summarise(self, teacher, teacher_metrics, per_seed, prepared) -> dict[str, Any]:

@@ -97,8 +97,11 @@ def validate_names(recipe: Recipe) -> None:
 
     DATASETS.get(recipe.data.name)
     members = recipe.teacher.ensemble.members if recipe.teacher.ensemble else []
+    from distill.tasks.base import get_task
+
+    get_task(recipe.task)  # an unknown task names the nearest ones
     for spec in (recipe.teacher, recipe.student, *members, *recipe.assistants):
-        if ":" not in spec.model:
+        if ":" not in spec.model and recipe.task == "classification":  # other tasks have their own zoos
             MODELS.get(spec.model)
     for stage in ("baseline", "distill"):
         for term in getattr(recipe, stage).terms:

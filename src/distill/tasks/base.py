@@ -71,7 +71,7 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         import importlib
 
-        module = {"ranking": "distill.tasks.ranking", "detection": "distill.tasks.detection",
+        module = {"classification": "distill.tasks.classification", "ranking": "distill.tasks.ranking", "detection": "distill.tasks.detection",
                   "causal-lm": "distill.tasks.causal_lm"}.get(name)
         if module is not None:
             importlib.import_module(module)
