@@ -110,6 +110,26 @@ def _as_batch(batch: Any) -> Batch:
     )
 
 
+def token_mask(batch: Batch) -> torch.Tensor | None:
+    """The token positions a loss with input kind ``"mask"`` scores: ``[B, T]``, aligned with logits.
+
+    ``batch["mask"]`` is used as it is (nonzero: score ``logits[:, t]``). Otherwise
+    ``batch["attention_mask"]``, the tokenizer's mask over the *input* tokens (1 = real), is shifted
+    for a causal LM, whose ``logits[:, t]`` predict token ``t + 1``: position ``t`` counts when tokens
+    ``t`` and ``t + 1`` are both real, so padding (left or right) and each sequence's last position
+    are left out, as in next-token cross-entropy. ``None`` (no mask in the batch): every position.
+    """
+    if batch.get("mask") is not None:
+        return batch["mask"]
+    attention = batch.get("attention_mask")
+    if attention is None:
+        return None
+    real = attention != 0
+    shifted = torch.zeros_like(real)
+    shifted[..., :-1] = real[..., :-1] & real[..., 1:]
+    return shifted
+
+
 class Distiller(nn.Module):
     """A student, its adapters and the weighted terms that train it against a teacher signal.
 
@@ -118,6 +138,8 @@ class Distiller(nn.Module):
     ``teacher`` may be an ``nn.Module`` (wrapped in a :class:`LiveTeacher`), any
     :class:`TeacherSignal`, or ``None`` for a student trained on labels alone.
     ``num_samples`` (the training set's size) is needed by losses with a per-sample memory (CRD).
+    ``feed`` calls the student on a batch; ``teacher_feed`` (default: ``feed``) calls a module teacher,
+    for teachers that read other inputs, e.g. their own tokenisation (:class:`distill.nlp.TextFeed`).
     """
 
     def __init__(
@@ -127,6 +149,7 @@ class Distiller(nn.Module):
         terms: Sequence[Term],
         feed: Feed = default_feed,
         num_samples: int | None = None,
+        teacher_feed: Feed | None = None,
     ) -> None:
         super().__init__()
         if not terms:
@@ -143,7 +166,7 @@ class Distiller(nn.Module):
         self.num_samples = num_samples
         self.progress: float | None = None  # epochs done, from the trainer (term warm-ups)
         if isinstance(teacher, nn.Module):
-            teacher = LiveTeacher(teacher, feed=feed)
+            teacher = LiveTeacher(teacher, feed=teacher_feed or feed)
         object.__setattr__(self, "teacher", teacher)  # not a submodule, on purpose
         self.specs = {t.name: get_loss(t.loss) for t in self.terms}
         needs_teacher = [t.name for t in self.terms if self.specs[t.name].needs_teacher]
@@ -217,6 +240,8 @@ class Distiller(nn.Module):
                 if batch.get("index") is None:
                     raise DistillError(f"term '{term.name}' needs sample indices, but the batch has no 'index'")
                 args.append(batch["index"])
+            elif kind == "mask":
+                args.append(token_mask(batch))
         return args
 
     def forward(self, batch: Any) -> DistillOutput:

@@ -127,6 +127,11 @@ class Trainer:
     ``GRAD_NORM_EVERY``), the evaluation metrics (``val_<name>``) and ``epoch_seconds``. A
     non-finite loss, or a step that runs out of memory, stops training with a
     :class:`DistillError` that names the epoch and step and what to change.
+
+    ``on_epoch_end(row)``, when given, is called with that row once the epoch is logged and
+    checkpointed; returning True stops training there, as early stopping does (a hyperparameter
+    search uses it to report each epoch's validation accuracy and stop a pruned trial). With several
+    processes, every one must return the same.
     """
 
     def __init__(
@@ -140,6 +145,7 @@ class Trainer:
         name: str = "train",
         batch_transform: BatchTransform | None = None,
         console=None,
+        on_epoch_end: Callable[[dict[str, float]], bool | None] | None = None,
     ) -> None:
         self.model = model
         self.loader = train_loader
@@ -149,6 +155,7 @@ class Trainer:
         self.name = name
         self.batch_transform = batch_transform
         self.console = console
+        self.on_epoch_end = on_epoch_end
         self.history: list[dict[str, float]] = []
 
     @property
@@ -304,6 +311,9 @@ class Trainer:
                     )
                 accelerator.wait_for_everyone()
                 if cfg.early_stopping_patience is not None and not improved and stale >= cfg.early_stopping_patience:
+                    stopped_early = True
+                    break
+                if self.on_epoch_end is not None and self.on_epoch_end(dict(row)):
                     stopped_early = True
                     break
         if cfg.restore_best and best_state is not None:

@@ -5,6 +5,8 @@ each loss reads, so the objective can feed it without knowing the method:
 
 - ``inputs=("student", "teacher")``: a student tensor and the teacher tensor it should match;
 - ``inputs=("student", "labels")``: a student tensor and the ground-truth labels;
+- ``"index"``: the batch's sample indices; ``"mask"``: which token positions to score, ``[B, T]``
+  aligned with the logits, or ``None`` when the batch has no mask (see ``objective.token_mask``);
 - ``adapts=True``: the student tensor goes through a trainable adapter to the teacher's shape first;
 - ``module=True``: the loss has trainable parts or state (VID's variances, CRD's embeddings and
   memory bank, ReviewKD's fusion blocks). It is then an ``nn.Module`` class constructed as
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from distill.errors import DistillError
 from distill.registry import Registry
 
-INPUT_KINDS = ("student", "teacher", "labels", "index")
+INPUT_KINDS = ("student", "teacher", "labels", "index", "mask")
 
 
 @dataclass(frozen=True)
