@@ -23,8 +23,8 @@ def test_ranking_recipe_end_to_end(shared, tmp_path):
     code = main([
         "run", "ml-100k", "--out", str(out), "--quiet",
         "--set", f"data.options.path={shared / 'ml-100k'}", "--set", "seeds=[0]",
-        "--set", "teacher.kwargs.dim=32", "--set", "teacher.train.epochs=2", "--set", "teacher.train.batch_size=1024",
-        "--set", "train.epochs=2", "--set", "train.batch_size=1024", "--set", "evaluate.latency_repeats=3",
+        "--set", "teacher.kwargs.dim=32", "--set", "teacher.train.epochs=2", "--set", "teacher.train.batch_size=2048",
+        "--set", "train.epochs=1", "--set", "train.batch_size=2048", "--set", "evaluate.latency_repeats=3",
     ])
     assert code == 0
     results = json.loads((out / "results.json").read_text())

@@ -7,6 +7,8 @@
     distill report RUN_DIR            print the table of a finished run and rewrite report.md
     distill profile MODEL_OR_RUN      params, size, MACs, memory, latency (eager, ONNX Runtime)
     distill export RUN --format F     the student as onnx/torchscript/safetensors, parity-checked
+    distill sweep RECIPE --trials N   Optuna search of temperature, weights, lr, student size
+    distill ladder RECIPE             students of increasing size, alone and distilled (capacity gap)
     distill list                      models, losses, data sets and preset recipes
 
 Errors in the user's input print one line and exit with status 2 (``--debug`` shows the traceback).
@@ -263,6 +265,103 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from rich.table import Table
+
+    from distill.sweep import read_space, run_sweep, short_names
+
+    console = _console()
+    recipe = _load(args)
+    space = read_space(args.space, args.param or [])
+    result = run_sweep(
+        recipe, args.trials, out=args.out, workers=args.workers, space=space, data_dir=args.data_dir,
+        threads=args.threads, seed=args.seed, compare=not args.no_compare, overwrite=args.overwrite,
+        verbose=not args.quiet, console=console,
+    )
+    paths = list(result.space)
+    labels = short_names(paths, recipe.model_dump(mode="json"))
+    metric = result.settings["metric"]
+    done = sorted((r for r in result.trials if r["state"] == "COMPLETE"), key=lambda r: -r["val_score"])
+    others = [r for r in result.trials if r["state"] != "COMPLETE"]
+    table = Table(title=f"{recipe.name}: {len(result.trials)} trials, by validation {metric} "
+                        f"({len(others)} pruned or failed; best 15 shown)")
+    for column in ("trial", f"val {metric} %", "latency ms", "params", *(labels[p] for p in paths)):
+        table.add_column(column, justify="right")
+    for r in done[:15]:
+        values = [f"{r[p]:.4g}" if isinstance(r[p], float) else str(r[p]) for p in paths]
+        latency = f"{r['latency_ms']:.3f}" if r["latency_ms"] is not None else "–"
+        table.add_row(f"{r['number']}{' (default)' if r['default'] else ''}", f"{100 * r['val_score']:.2f}",
+                      latency, f"{r['params']:,}", *values)
+    console.print(table)
+    if result.importances:
+        console.print("importance (fANOVA): " + ", ".join(f"{labels.get(k, k)} {v:.2f}"
+                                                        for k, v in result.importances.items()), markup=False)
+    c = result.comparison
+    if c:
+        def pct(x: dict) -> str:
+            return f"{100 * x['score']:.2f} ± {100 * x['score_std']:.2f}%"
+
+        console.print(f"test {metric} over seeds {c['seeds']}: best trial {pct(c['best'])}, default recipe "
+                      f"{pct(c['default'])} ({c['gain_points']:+.2f} points)", markup=False)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)
+    console.print(f"best recipe: {result.best_recipe}; trials: {result.files['trials']}; plots: "
+                  f"{', '.join(v for k, v in result.files.items() if k.endswith('_plot'))}", markup=False)
+    return 0
+
+
+def _values(items: list[str] | None, what: str) -> list | None:
+    """``--widths 4 8 16``, ``--widths 4,8,16`` or ``--widths [64,64] [128,128]``, parsed as YAML."""
+    import yaml
+
+    if items is None:
+        return None
+    values = []
+    for item in items:
+        parts = [item] if item.strip().startswith("[") else [p for p in item.split(",") if p.strip()]
+        for part in parts:
+            try:
+                values.append(yaml.safe_load(part))
+            except yaml.YAMLError:
+                raise DistillError(f"{what}: '{part}' is not a number or a list") from None
+    return values
+
+
+def cmd_ladder(args) -> int:
+    from rich.table import Table
+
+    from distill.ladder import parse_student, run_ladder
+
+    console = _console()
+    recipe = _load(args)
+    students = [parse_student(s) for s in args.students] if args.students else None
+    result = run_ladder(
+        recipe, scales=_values(args.scales, "--scales"), widths=_values(args.widths, "--widths"),
+        students=students, out=args.out, workers=args.workers, data_dir=args.data_dir, threads=args.threads,
+        overwrite=args.overwrite, console=console,
+    )
+    t = result.teacher
+    table = Table(title=f"{recipe.name}: capacity ladder, test {t['metric']} mean ± std over seeds "
+                        f"{result.settings['seeds']} (teacher {100 * t['score']:.2f}%, {t['params']:,} params)")
+    for column in ("student", "params", "latency ms", "alone %", "distilled %", "gain (points)"):
+        table.add_column(column, justify="left" if column == "student" else "right")
+    for r in result.rungs:
+        latency = f"{r['latency_ms']:.3f}" if r["latency_ms"] is not None else "–"
+        table.add_row(r["label"], f"{r['params']:,}", latency,
+                      f"{100 * r['alone']:.2f} ± {100 * r['alone_std']:.2f}",
+                      f"{100 * r['distilled']:.2f} ± {100 * r['distilled_std']:.2f}",
+                      f"{100 * r['gain']:+.2f} ± {100 * r['gain_std']:.2f}")
+    console.print(table)
+    console.print(f"finding: {result.finding.text}", markup=False)
+    if result.finding.advice:
+        console.print(f"advice: {result.finding.advice}", markup=False)
+        console.print(result.finding.assistant_yaml.rstrip(), markup=False, highlight=False)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)
+    console.print(f"ladder: {result.files['json']}, plot {result.files['plot']}", markup=False)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake as one ``error:`` line and exit status 2."""
 
@@ -349,6 +448,39 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_options(p)
     p.add_argument("--out", required=True, help="the cache directory to write")
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("sweep", help="Optuna search of a recipe on its validation split (needs distill[search])")
+    p.add_argument("recipe")
+    recipe_options(p)
+    p.add_argument("--trials", type=int, required=True, help="how many trials (the first is the default recipe)")
+    p.add_argument("--workers", type=int, default=None, help="parallel trial processes (default: cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads shared by the workers (default: cores)")
+    p.add_argument("--out", default=None, help="output folder (default: sweeps/<recipe name>)")
+    p.add_argument("--space", default=None, help="YAML file: field path -> {low, high, log, step, type} or {choices}")
+    p.add_argument("--param", action="append", metavar="PATH=SPEC",
+                   help="one searched field, e.g. 'train.lr={low: 0.0001, high: 0.01, log: true}' (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip running the default and best recipes on the test split afterwards")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds of the final comparison, e.g. 0,1,2")
+    p.add_argument("--quiet", action="store_true", help="no line per trial")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("ladder", help="students of increasing size, alone and distilled: the capacity gap")
+    p.add_argument("recipe")
+    recipe_options(p)
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--scales", nargs="+", default=None, help="multiply the student's width (default 0.25,0.5,1,2,4)")
+    sizes.add_argument("--widths", nargs="+", default=None, help="the student's width values, e.g. 4,8,16,32")
+    sizes.add_argument("--students", nargs="+", default=None, metavar="SPEC",
+                       help="student models as MODEL[,key=value...], e.g. cnn,width=4 mlp,hidden=[64]")
+    p.add_argument("--workers", type=int, default=None, help="parallel run processes (default: cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads shared by the workers (default: cores)")
+    p.add_argument("--out", default=None, help="output folder (default: ladders/<recipe name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+    p.set_defaults(func=cmd_ladder)
 
     p = sub.add_parser("report", help="print and rewrite the report of a finished run")
     p.add_argument("run_dir")

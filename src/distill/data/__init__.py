@@ -5,12 +5,15 @@
     loader = BatchLoader(data.train, 128, shuffle=True, mean=data.mean, std=data.std)
 
 Registered data sets: ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``image-folder``, ``arrays``,
-``digits``, ``mnist1d``, and ``ml-100k`` (implicit-feedback ranking; see :mod:`distill.tasks.ranking`).
+``digits``, ``mnist1d``, ``tinyshakespeare`` (language modelling), ``ml-100k`` (implicit-feedback ranking; see :mod:`distill.tasks.ranking`), and
+``mnist-detection`` (MNIST digits on canvases, with boxes; see :mod:`distill.tasks.detection`).
 """
 
 # Importing the builder modules registers their data sets.
 from distill.data import arrays, cifar, image_folder, mnist, movielens, offline  # noqa: F401
 from distill.data import cifar100  # noqa: F401
+from distill.data import tinyshakespeare  # noqa: F401  (next-token blocks, char or GPT-2 tokens)
+from distill.data import digit_canvas  # noqa: F401  (mnist-detection: digits on canvases, with boxes)
 from distill.data.augment import mixup_inputs, normalize, random_crop_flip
 from distill.data.interactions import Interactions, leave_one_out
 from distill.data.loader import BatchLoader

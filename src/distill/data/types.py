@@ -54,3 +54,48 @@ class DataSplits:
     @property
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
+
+
+@dataclass
+class DetectionSet:
+    """Images with boxes, padded to ``M`` objects per image.
+
+    ``images``: uint8 ``[N, C, H, W]``; ``boxes``: float32 ``[N, M, 4]`` ``(x1, y1, x2, y2)`` in
+    pixels (pixel ``j`` covers ``[j, j + 1)``); ``labels``: int64 ``[N, M]``; ``mask``: bool
+    ``[N, M]``, which rows are real objects (padding rows hold zeros).
+    """
+
+    images: torch.Tensor
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n, m = self.labels.shape
+        if len(self.images) != n or self.boxes.shape != (n, m, 4) or self.mask.shape != (n, m):
+            raise ValueError(
+                f"detection set: images {tuple(self.images.shape)}, boxes {tuple(self.boxes.shape)}, labels "
+                f"{tuple(self.labels.shape)}, mask {tuple(self.mask.shape)} do not agree on [N, M]"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """Not a classification set: code written for :class:`ArrayDataset` fails here, saying why."""
+        return self.targets
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Not a classification set: code written for :class:`ArrayDataset` fails here, saying why."""
+        from distill.errors import DistillError
+
+        raise DistillError(
+            "this is a detection data set (boxes, not one class per sample): feed it with "
+            "distill.tasks.detection.DetectionLoader and train with the 'centernet' loss (see "
+            "benchmarks/detection.py); recipes (distill run) do not drive detection yet"
+        )
+
+    def subset(self, index: torch.Tensor) -> "DetectionSet":
+        return DetectionSet(self.images[index], self.boxes[index], self.labels[index], self.mask[index])

@@ -26,6 +26,15 @@ from distill.losses.listnet_kd import listnet_kd_loss
 from distill.losses.pointwise_kd import pointwise_kd_loss
 from distill.losses.ranknet_kd import ranknet_kd_loss
 from distill.losses.rd import rd_loss
+from distill.losses import token_divergences  # noqa: F401  (causal LM: token_fkl, token_rkl, ...)
+from distill.losses.token_divergences import (
+    TopK, token_fkl_loss, token_gjsd_loss, token_rkl_loss, token_skl_loss, token_srkl_loss, token_tvd_loss,
+)
+from distill.losses import box_kd, centernet, fg_feature, heatmap_kd  # noqa: F401  (detection)
+from distill.losses.box_kd import box_kd_loss
+from distill.losses.centernet import centernet_loss
+from distill.losses.fg_feature import fg_feature_loss
+from distill.losses.heatmap_kd import heatmap_kd_loss
 from distill.losses.ce import ce_loss
 from distill.losses.hint import hint_loss
 from distill.losses.kd import kd_loss
@@ -35,4 +44,7 @@ __all__ = ["LOSSES", "LossSpec", "get_loss", "register_loss", "kd_loss", "ce_los
            "dkd_loss", "dist_loss", "kd_std_loss", "tf_kd_loss", "at_loss", "nst_loss",
            "sp_loss", "rkd_loss", "pkt_loss", "cc_loss",
            "VIDLoss", "FSPLoss", "ReviewKDLoss", "CRDLoss",
-           "bce_loss", "pointwise_kd_loss", "ranknet_kd_loss", "listnet_kd_loss", "rd_loss"]
+           "bce_loss", "pointwise_kd_loss", "ranknet_kd_loss", "listnet_kd_loss", "rd_loss",
+           "TopK", "token_fkl_loss", "token_rkl_loss", "token_gjsd_loss", "token_tvd_loss", "token_skl_loss",
+           "token_srkl_loss",
+           "centernet_loss", "heatmap_kd_loss", "fg_feature_loss", "box_kd_loss"]

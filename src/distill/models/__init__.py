@@ -21,6 +21,7 @@ from torch import nn
 
 from distill.errors import DistillError, nearest
 from distill.models import cnn, mlp, mobilenetv2, resnet_cifar, shufflenetv2, vgg, wrn  # noqa: F401
+from distill.models import gpt  # noqa: F401  (causal LM: token ids [B, T] -> logits [B, T, V])
 from distill.models.registry import MODELS, ModelFactory
 from distill.models.weights import count_params, load_weights, read_state_dict, save_weights
 

@@ -1,0 +1,417 @@
+"""Object detection, CenterNet style (Zhou, Wang & Krähenbühl 2019, "Objects as Points").
+
+A batch (built by :class:`DetectionLoader`):
+
+    {"input": float [B, C, H, W],
+     "target": {"boxes": float [B, M, 4], "labels": int64 [B, M], "mask": bool [B, M]},
+     "index": int64 [B]}
+
+``boxes`` are ``(x1, y1, x2, y2)`` in input pixels (pixel ``j`` covers ``[j, j + 1)``), padded to
+the ``M`` objects of the fullest image; ``mask`` says which rows are real objects. The objective
+hands ``batch["target"]`` (this dict) to losses that read ``"labels"``.
+
+A detector (:mod:`distill.models.detection`) maps ``[B, C, H, W]`` to a dict of head outputs at
+stride ``s`` (4 here): ``heatmap`` ``[B, K, H/s, W/s]`` (class logits, one sigmoid per class),
+``size`` ``[B, 2, H/s, W/s]`` (box width and height in output cells) and ``offset``
+``[B, 2, H/s, W/s]`` (the centre's sub-cell position). The taps ``heatmap``, ``size``, ``offset``
+and ``neck`` name those outputs and the feature the heads read; ``logits`` is the heat-map.
+
+- :func:`encode_targets`: boxes -> Gaussian class heat-maps with CornerNet's radius rule, and the
+  size/offset regression targets at each object's centre cell;
+- the training loss is the registered ``centernet`` loss (:mod:`distill.losses.centernet`):
+  penalty-reduced focal loss + 0.1 L1 size + L1 offset, reading ``student: [heatmap, size, offset]``
+  and the labels;
+- :func:`decode`: 3×3 max-pool peaks, top-K, score threshold, class-wise NMS (:func:`batched_nms`);
+- :func:`coco_map`: COCO mAP@[.5:.95] and mAP@0.5 with pycocotools (the ``detection`` extra).
+
+Distillation terms (``benchmarks/detection.py`` runs them):
+
+    distiller = Distiller(student, teacher, feed=detection.feed, terms=[
+        Term("det", "centernet", student=["heatmap", "size", "offset"]),
+        Term("hkd", "heatmap_kd", weight=0.3, student="heatmap", teacher="heatmap"),
+        Term("fgd", "fg_feature", weight=0.01, student="neck", teacher="neck"),     # reads the boxes too
+        Term("box", "box_kd", student=["size", "offset"], teacher=["heatmap", "size", "offset"]),
+    ])
+
+The trainer moves a batch's top-level tensors to the device; the losses move the target dict's
+tensors to their predictions' device themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.data.loader import derive_seed
+from distill.data.types import DetectionSet
+from distill.errors import DistillError
+from distill.signals import Batch
+
+STRIDE = 4
+HEADS = ("heatmap", "size", "offset")
+
+
+def feed(model: nn.Module, batch: Batch) -> Any:
+    """Detection feed: ``model(batch["input"])`` -> a dict of head outputs."""
+    return model(batch["input"])
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+def unpack_targets(target: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(boxes [B, M, 4] float, labels [B, M] int64, mask [B, M] bool)`` from a batch's target dict."""
+    if not isinstance(target, dict) or not {"boxes", "labels", "mask"} <= set(target):
+        raise ValueError(
+            "detection targets must be a dict with 'boxes' [B, M, 4], 'labels' [B, M] and 'mask' [B, M] "
+            f"(as DetectionLoader yields), got {type(target).__name__}"
+        )
+    boxes, labels, mask = target["boxes"], target["labels"], target["mask"]
+    if boxes.dim() != 3 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:2] or mask.shape != labels.shape:
+        raise ValueError(
+            f"detection targets: boxes {tuple(boxes.shape)}, labels {tuple(labels.shape)}, mask "
+            f"{tuple(mask.shape)}; expected [B, M, 4], [B, M], [B, M]"
+        )
+    return boxes.float(), labels.long(), mask.bool()
+
+
+class DetectionLoader:
+    """Batches of a :class:`~distill.data.types.DetectionSet` for :class:`distill.Trainer`.
+
+    ``input``: float32 ``[b, C, H, W]``, uint8 scaled to [0, 1] then normalised with ``mean``/``std``;
+    ``target``: the dict described in the module docstring (``M`` is the data set's padding);
+    ``index``: int64 ``[b]``. Shuffling is a function of ``(seed, epoch)`` only, and ranks take the
+    ``[rank::world_size]`` slice of the global batch, as :class:`distill.data.BatchLoader` does.
+    """
+
+    def __init__(
+        self,
+        dataset: DetectionSet,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DistillError(f"batch size must be a positive integer, got {batch_size!r}")
+        if (mean is None) != (std is None):
+            raise DistillError("give both mean and std for normalisation, or neither")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        x = dataset.images.float().div(255) if dataset.images.dtype == torch.uint8 else dataset.images.float()
+        if mean is not None:
+            shape = (1, -1, 1, 1)
+            x = (x - torch.tensor(mean, dtype=torch.float32).reshape(shape)) / torch.tensor(
+                std, dtype=torch.float32
+            ).reshape(shape)
+        self._inputs = x.contiguous()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.batch_size % self.world_size:
+            raise DistillError(
+                f"batch size {self.batch_size} is not divisible by the {self.world_size} processes"
+            )
+        n = len(self.dataset)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(derive_seed("order", self.seed, self.epoch))
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        for k in range(len(self)):
+            index = order[k * self.batch_size:(k + 1) * self.batch_size][self.rank::self.world_size]
+            yield {
+                "input": self._inputs[index],
+                "target": {
+                    "boxes": self.dataset.boxes[index],
+                    "labels": self.dataset.labels[index],
+                    "mask": self.dataset.mask[index],
+                },
+                "index": index,
+            }
+
+
+# -- target encoding ----------------------------------------------------------------------------
+
+
+def gaussian_radius(height: torch.Tensor, width: torch.Tensor, min_overlap: float = 0.7) -> torch.Tensor:
+    """The largest corner displacement ``r`` that keeps IoU >= ``min_overlap`` with a ``height × width``
+    box, whichever way the displaced box moves (CornerNet's rule, Law & Deng 2018, used for centres
+    by CenterNet with ``min_overlap`` 0.7).
+
+    Three cases, each a quadratic in ``r`` solved exactly (the smallest root): both corners moved
+    the same way by ``r`` (a shifted box), both moved inwards (a box ``2r`` smaller) and both moved
+    outwards (a box ``2r`` larger). Returns the minimum, in the units of ``height``/``width``.
+    (CenterNet's released code, inherited from an early CornerNet version, divides the roots
+    differently and gets larger radii; see ``min_radius`` in :func:`encode_targets`.)
+    """
+    t = float(min_overlap)
+    if not 0 < t < 1:
+        raise ValueError(f"min_overlap must be in (0, 1), got {min_overlap}")
+    h, w = height.float(), width.float()
+    s, p = h + w, h * w
+    # shifted: (h - r)(w - r) / (2hw - (h - r)(w - r)) >= t  <=>  r^2 - s r + p (1 - t)/(1 + t) >= 0
+    r1 = (s - torch.sqrt((s * s - 4 * p * (1 - t) / (1 + t)).clamp_min(0))) / 2
+    # shrunk: (h - 2r)(w - 2r) / hw >= t  <=>  4 r^2 - 2 s r + (1 - t) p >= 0
+    r2 = (2 * s - torch.sqrt((4 * s * s - 16 * (1 - t) * p).clamp_min(0))) / 8
+    # grown: hw / ((h + 2r)(w + 2r)) >= t  <=>  4 t r^2 + 2 t s r - (1 - t) p <= 0
+    r3 = (-2 * t * s + torch.sqrt((4 * t * t * s * s + 16 * t * (1 - t) * p).clamp_min(0))) / (8 * t)
+    return torch.minimum(torch.minimum(r1, r2), r3).clamp_min(0)
+
+
+def encode_targets(
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    num_classes: int,
+    out_size: tuple[int, int],
+    stride: int = STRIDE,
+    min_overlap: float = 0.7,
+    min_radius: int = 1,
+) -> dict[str, torch.Tensor]:
+    """CenterNet targets for boxes in input pixels.
+
+    Each object's centre ``c = ((x1 + x2) / 2, (y1 + y2) / 2) / stride`` falls in cell
+    ``p = floor(c)``. Returns, for ``[B, M]`` objects and an ``out_size = (H, W)`` output map:
+
+    - ``heatmap`` ``[B, K, H, W]``: per class, the maximum over its objects of
+      ``exp(-((x - px)^2 + (y - py)^2) / (2 sigma^2))`` within ``|x - px|, |y - py| <= r``, with
+      ``r = max(floor(gaussian_radius(h, w, min_overlap)), min_radius)`` for the box in output cells
+      and ``sigma = (2r + 1) / 6``; exactly 1 at each centre cell. The exact radius is 0 for boxes
+      under about 5 cells at ``min_overlap`` 0.7, which makes every neighbour of a centre a full
+      negative; a floor of 1 keeps a small bump (CenterPoint, Yin, Zhou & Krähenbühl 2021, floors
+      it at 2);
+    - ``size`` ``[B, M, 2]``: ``(w, h) / stride``; ``offset`` ``[B, M, 2]``: ``c - p``;
+    - ``cell`` ``[B, M, 2]`` int64 ``(py, px)``; ``mask`` ``[B, M]``: real objects whose centre is
+      on the map.
+    """
+    height, width = out_size
+    boxes = boxes.float()
+    b, m = labels.shape
+    centre = torch.stack([(boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2], -1) / stride
+    cell = centre.floor().long()
+    mask = mask.bool() & (cell[..., 0] >= 0) & (cell[..., 0] < width) & (cell[..., 1] >= 0) & (cell[..., 1] < height)
+    if mask.any() and (labels[mask].min() < 0 or labels[mask].max() >= num_classes):
+        raise ValueError(f"object labels must be in [0, {num_classes}), got {labels[mask].unique().tolist()}")
+    size = (boxes[..., 2:] - boxes[..., :2]) / stride
+    radius = gaussian_radius(size[..., 1], size[..., 0], min_overlap).floor().clamp_min(min_radius)
+    sigma = (2 * radius + 1) / 6
+    ys = torch.arange(height, device=boxes.device, dtype=torch.float32)
+    xs = torch.arange(width, device=boxes.device, dtype=torch.float32)
+    dy = ys.view(1, 1, -1, 1) - cell[..., 1, None, None].float()  # [B, M, H, 1]
+    dx = xs.view(1, 1, 1, -1) - cell[..., 0, None, None].float()  # [B, M, 1, W]
+    gauss = torch.exp(-(dx * dx + dy * dy) / (2 * sigma[..., None, None] ** 2))
+    inside = (dx.abs() <= radius[..., None, None]) & (dy.abs() <= radius[..., None, None])
+    gauss = gauss * inside * mask[..., None, None]
+    onehot = F.one_hot(labels.clamp(0, num_classes - 1), num_classes).float() * mask[..., None]  # [B, M, K]
+    if m:
+        heatmap = (gauss[:, :, None] * onehot[..., None, None]).amax(dim=1)
+    else:
+        heatmap = boxes.new_zeros(b, num_classes, height, width)
+    return {"heatmap": heatmap, "size": size, "offset": centre - cell.float(), "cell": cell.flip(-1), "mask": mask}
+
+
+def gather_cells(maps: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """Values of ``maps`` ``[B, D, H, W]`` at cells ``[B, M, 2]`` ``(y, x)``: ``[B, M, D]``
+    (cells are clamped onto the map; mask the invalid ones yourself)."""
+    b, d, h, w = maps.shape
+    y, x = cell[..., 0].clamp(0, h - 1), cell[..., 1].clamp(0, w - 1)
+    flat = (y * w + x).unsqueeze(1).expand(b, d, -1)  # [B, D, M]
+    return maps.flatten(2).gather(2, flat).transpose(1, 2)
+
+
+# -- decoding -----------------------------------------------------------------------------------
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of every box in ``a`` ``[N, 4]`` with every box in ``b`` ``[M, 4]`` (x1, y1, x2, y2): ``[N, M]``."""
+    area_a = (a[:, 2] - a[:, 0]).clamp_min(0) * (a[:, 3] - a[:, 1]).clamp_min(0)
+    area_b = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)
+    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (bottom_right - top_left).clamp_min(0).prod(-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
+
+
+def batched_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """Class-wise greedy non-maximum suppression.
+
+    Going down the scores, a box is kept unless a kept box *of the same label* overlaps it with
+    IoU > ``iou_threshold``. ``boxes`` ``[N, 4]``, ``scores`` ``[N]``, ``labels`` ``[N]``; returns
+    the kept indices (int64), highest score first.
+    """
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    order = scores.argsort(descending=True, stable=True)
+    boxes, labels = boxes[order], labels[order]
+    overlap = (box_iou(boxes, boxes) > iou_threshold) & (labels[:, None] == labels[None, :])
+    # N is the top-K (<= 100 by default): plain Python over the overlap matrix beats one small
+    # tensor operation per box
+    rows = overlap.tolist()
+    suppressed = [False] * len(rows)
+    keep = []
+    for i, row in enumerate(rows):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed = [gone or hit for gone, hit in zip(suppressed, row)]
+    return order[torch.tensor(keep, dtype=torch.long, device=boxes.device)]
+
+
+@torch.no_grad()
+def decode(
+    heatmap: torch.Tensor,
+    size: torch.Tensor,
+    offset: torch.Tensor,
+    *,
+    stride: int = STRIDE,
+    k: int = 100,
+    score_threshold: float = 0.01,
+    nms_iou: float | None = 0.5,
+) -> list[dict[str, torch.Tensor]]:
+    """Detections from head outputs: per image ``{"boxes" [n, 4], "scores" [n], "labels" [n]}``.
+
+    ``heatmap`` ``[B, K, H, W]`` are logits. A cell is a peak when its sigmoid score equals the
+    maximum of its 3×3 neighbourhood (CenterNet's replacement for NMS); the ``k`` best peaks
+    over all classes are kept if they score at least ``score_threshold``. A peak at cell ``(y, x)``
+    with offset ``(ox, oy)`` and size ``(w, h)`` gives the box centred at
+    ``((x + ox) · stride, (y + oy) · stride)`` of ``(w · stride) × (h · stride)`` pixels. Class-wise
+    NMS at ``nms_iou`` then removes duplicates that peak in neighbouring cells (``None``: no NMS).
+    """
+    b, classes, h, w = heatmap.shape
+    scores = torch.sigmoid(heatmap.float())
+    peaks = scores * (F.max_pool2d(scores, 3, stride=1, padding=1) == scores)
+    top, flat = peaks.flatten(1).topk(min(k, classes * h * w), dim=1)
+    label = flat // (h * w)
+    cell = flat % (h * w)
+    cy, cx = (cell // w), (cell % w)
+    wh = gather_cells(size.float(), torch.stack([cy, cx], -1)).clamp_min(0) * stride
+    off = gather_cells(offset.float(), torch.stack([cy, cx], -1))
+    centre_x = (cx.float() + off[..., 0]) * stride
+    centre_y = (cy.float() + off[..., 1]) * stride
+    boxes = torch.stack(
+        [centre_x - wh[..., 0] / 2, centre_y - wh[..., 1] / 2, centre_x + wh[..., 0] / 2, centre_y + wh[..., 1] / 2], -1
+    )
+    out = []
+    for i in range(b):
+        keep = top[i] >= score_threshold
+        bx, sc, lb = boxes[i][keep], top[i][keep], label[i][keep]
+        if nms_iou is not None:
+            kept = batched_nms(bx, sc, lb, nms_iou)
+            bx, sc, lb = bx[kept], sc[kept], lb[kept]
+        out.append({"boxes": bx.cpu(), "scores": sc.cpu(), "labels": lb.cpu()})
+    return out
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader,
+    *,
+    stride: int = STRIDE,
+    k: int = 100,
+    score_threshold: float = 0.01,
+    nms_iou: float | None = 0.5,
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """Decoded detections and ground truth (``{"boxes", "labels"}`` per image) over ``loader``."""
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    predictions, truths = [], []
+    for batch in loader:
+        out = feed(model, {"input": batch["input"].to(device)})
+        predictions += decode(out["heatmap"], out["size"], out["offset"], stride=stride, k=k,
+                              score_threshold=score_threshold, nms_iou=nms_iou)
+        boxes, labels, mask = unpack_targets(batch["target"])
+        truths += [{"boxes": boxes[i][mask[i]].cpu(), "labels": labels[i][mask[i]].cpu()} for i in range(len(boxes))]
+    model.train(was_training)
+    return predictions, truths
+
+
+# -- the metric ---------------------------------------------------------------------------------
+
+
+def _pycocotools():
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        raise DistillError(
+            "detection mAP needs pycocotools: pip install 'distill[detection]' (or pip install pycocotools)"
+        ) from None
+    return COCO, COCOeval
+
+
+def _xywh(boxes: torch.Tensor) -> list[list[float]]:
+    b = boxes.double()
+    return torch.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1).tolist()
+
+
+def coco_map(
+    predictions: Sequence[dict[str, torch.Tensor]],
+    truths: Sequence[dict[str, torch.Tensor]],
+    num_classes: int = 10,
+) -> dict[str, float]:
+    """COCO box AP, evaluated by pycocotools' ``COCOeval``: ``map`` (mAP@[.5:.95], all areas, up to
+    100 detections per image) and ``map50`` (mAP@0.5).
+
+    ``predictions[i]``: ``{"boxes" [n, 4] (x1, y1, x2, y2), "scores" [n], "labels" [n]}`` for image
+    ``i``; ``truths[i]``: ``{"boxes" [m, 4], "labels" [m]}``. No detection at all gives 0.
+    """
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} predictions for {len(truths)} images")
+    COCO, COCOeval = _pycocotools()
+    images, annotations, detections = [], [], []
+    for i, (pred, truth) in enumerate(zip(predictions, truths)):
+        images.append({"id": i + 1})
+        for box, label in zip(_xywh(truth["boxes"]), truth["labels"].tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(label) + 1,
+                                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+        for box, score, label in zip(_xywh(pred["boxes"]), pred["scores"].tolist(), pred["labels"].tolist()):
+            detections.append({"image_id": i + 1, "category_id": int(label) + 1, "bbox": box, "score": float(score)})
+    if not detections or not annotations:
+        return {"map": 0.0, "map50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the summary
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": annotations,
+                      "categories": [{"id": c + 1, "name": str(c)} for c in range(num_classes)]}
+        gt.createIndex()
+        dt = gt.loadRes(detections)
+        evaluator = COCOeval(gt, dt, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = evaluator.stats
+    return {"map": max(0.0, float(stats[0])), "map50": max(0.0, float(stats[1]))}
+
+
+def detection_metrics(model: nn.Module, loader, num_classes: int = 10, **decode_options) -> dict[str, float]:
+    """``coco_map`` of ``model`` over ``loader`` (a :class:`DetectionLoader` of the test split)."""
+    predictions, truths = predict(model, loader, **decode_options)
+    return coco_map(predictions, truths, num_classes)
