@@ -36,3 +36,23 @@ def test_ranking_recipe_end_to_end(shared, tmp_path):
     assert results["teacher"]["ndcg10"] > 0.1  # well above chance (about 0.02 with 100 negatives)
     assert "ndcg10 %" in (out / "report.md").read_text()
     assert "top10_overlap" in results["student"]  # agreement with the teacher's top-10
+
+
+def test_detection_recipe_end_to_end(shared, tmp_path):
+    out = tmp_path / "det"
+    code = main([
+        "run", "mnist-detection", "--out", str(out), "--quiet",
+        "--set", f"data.options.path={shared / 'mnist'}", "--set", "seeds=[0]",
+        "--set", "data.options.train_images=64", "--set", "data.options.test_images=16",
+        "--set", "data.options.canvas_size=48", "--set", "data.options.scale=[14,20]",
+        "--set", "teacher.train.epochs=1", "--set", "train.epochs=1", "--set", "teacher.train.batch_size=16",
+        "--set", "train.batch_size=16", "--set", "teacher.gate.enabled=false", "--set", "evaluate.latency_repeats=2",
+    ])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "detection" and results["primary_metric"] == "map"
+    for role in ("teacher", "baseline", "student"):
+        assert 0.0 <= results[role]["map"] <= results[role]["map50"] <= 1.0
+    assert results["teacher"]["params"] > 4 * results["student"]["params"]
+    history = json.loads((out / "stages" / "student-seed0" / "result.json").read_text())["history"]
+    assert {"train_gt", "train_box"} <= set(history[0])

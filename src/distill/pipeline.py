@@ -286,7 +286,7 @@ class Run:
             load_weights(model, weights_path)
             self.say(f"{name}: loaded from the finished stage of this run")
             return model
-        stage = stage or StageSpec(terms=[{"name": "ce", "loss": "ce"}])
+        stage = stage or StageSpec(terms=[dict(self.task.label_term)])
         model, history = self._train_stage(name, seed, model, teacher, stage, train, prepared)
         if self.main:
             save_weights(model, weights_path)

@@ -26,6 +26,8 @@ class Task:
     name = "task"
     #: the metric the verdict, the teacher gate and early stopping compare (higher is better)
     primary_metric = "accuracy"
+    #: the ground-truth term the teacher is trained with (a recipe term: a loss reading labels)
+    label_term: dict = {"name": "ce", "loss": "ce"}
     #: whether a teacher cache (``teacher.cache``) can serve this task's batches
     supports_cache = False
     feed: Feed = staticmethod(default_feed)

@@ -415,3 +415,78 @@ def detection_metrics(model: nn.Module, loader, num_classes: int = 10, **decode_
     """``coco_map`` of ``model`` over ``loader`` (a :class:`DetectionLoader` of the test split)."""
     predictions, truths = predict(model, loader, **decode_options)
     return coco_map(predictions, truths, num_classes)
+
+
+# -- the task (recipes: `task: detection`) --------------------------------------------------------
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+from distill.tasks.base import TASKS, Task  # noqa: E402
+
+
+@_dataclass
+class PreparedDetection:
+    """What :meth:`DetectionTask.prepare` loads once for a run."""
+
+    data: Any
+    train: Any
+    test_loader: DetectionLoader
+    val_loader: DetectionLoader | None
+    norm: dict
+
+
+@TASKS.register("detection")
+class DetectionTask(Task):
+    """Boxes and classes on images (``mnist-detection``): COCO mAP@[.5:.95] (primary) and mAP@0.5.
+
+    Models come from :mod:`distill.models.detection` (``model: centernet-student``); the
+    ground-truth loss is ``centernet`` (the teacher is trained with it; give it to the baseline and
+    distill stages too). ``data.val_fraction`` holds out training canvases for validation.
+    """
+
+    name = "detection"
+    primary_metric = "map"
+    label_term = {"name": "gt", "loss": "centernet", "student": list(HEADS)}
+    supports_cache = False
+    feed = staticmethod(feed)
+
+    def prepare(self, recipe, data_dir) -> PreparedDetection:
+        from distill.data import load_dataset
+
+        data = load_dataset(recipe.data.name, data_dir, **recipe.data.options)
+        if not isinstance(data.train, DetectionSet):
+            raise DistillError(f"data set '{recipe.data.name}' has no boxes; task 'detection' needs one such as mnist-detection")
+        norm = dict(mean=data.mean, std=data.std)
+        train, val_loader = data.train, None
+        if recipe.data.val_fraction > 0:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.data.seed))
+            cut = max(1, int(round(len(train) * recipe.data.val_fraction)))
+            val_loader = DetectionLoader(train.subset(order[:cut]), recipe.data.eval_batch_size, shuffle=False, **norm)
+            train = train.subset(order[cut:])
+        test_loader = DetectionLoader(data.test, recipe.data.eval_batch_size, shuffle=False, **norm)
+        return PreparedDetection(data, train, test_loader, val_loader, norm)
+
+    def describe(self, prepared: PreparedDetection) -> str:
+        shape = "x".join(map(str, prepared.data.input_shape[1:]))
+        return (f"{prepared.data.name}: {len(prepared.train)} train, {len(prepared.data.test)} test canvases "
+                f"of {shape}, {prepared.data.num_classes} classes")
+
+    def train_loader(self, recipe, prepared: PreparedDetection, batch_size: int, seed: int) -> DetectionLoader:
+        return DetectionLoader(prepared.train, batch_size, shuffle=True, seed=seed,
+                               drop_last=len(prepared.train) > batch_size, **prepared.norm)
+
+    def build_model(self, spec, prepared: PreparedDetection, seed: int) -> nn.Module:
+        from distill.models.detection import create_detector
+        from distill.models.weights import load_weights
+
+        torch.manual_seed(seed)
+        model = create_detector(spec.model, prepared.data.num_classes, prepared.data.input_shape[0], **spec.kwargs)
+        if spec.weights is not None:
+            load_weights(model, spec.weights)
+        return model
+
+    def evaluate(self, model: nn.Module, prepared: PreparedDetection, reference=None, split: str = "test") -> dict[str, float]:
+        loader = prepared.test_loader if split == "test" else prepared.val_loader
+        return detection_metrics(model, loader, prepared.data.num_classes)
+
+    def latency_input(self, prepared: PreparedDetection):
+        return next(iter(prepared.test_loader))["input"][:1]
