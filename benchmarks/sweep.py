@@ -6,10 +6,10 @@ The recipe is the ``fashion-mnist`` preset made smaller so the whole search fits
 on two busy CPU cores: ``--train-subset`` training images (20% of them held out as the validation
 split the sweep selects on), no augmentation (the teacher cache then needs no replayed views), a
 ``cnn`` width-32 teacher trained once and cached once, a ``cnn`` width-8 depth-2 student, KD
-(α 0.9, T 4) for ``--epochs`` epochs (Adam, lr 0.002, cosine, batch 64). The sweep searches its default space (KD temperature, KD
-weight against the fixed cross-entropy weight, learning rate, student width and depth) with
-``--trials`` trials in ``--workers`` processes of one thread each, pruning with the median
-rule. Afterwards the default recipe and the best trial's recipe are each run on every seed and
+(α 0.9, T 4) for ``--epochs`` epochs (Adam, lr 0.002, cosine, batch 64). The sweep searches its
+default space (KD temperature, KD weight against the fixed cross-entropy weight, learning rate,
+student width and depth) with ``--trials`` trials in ``--workers`` processes of one thread each,
+pruning with the median rule. Afterwards the default recipe and the best trial's recipe are each run on every seed and
 evaluated on the test split the same way. Writes ``--out`` (JSON) and the sweep's plots beside it
 (``sweep-pareto.png``, ``sweep-importance.png``).
 """

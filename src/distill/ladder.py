@@ -181,7 +181,8 @@ def _assistant(rungs: list[dict[str, Any]], teacher: dict[str, Any] | None) -> t
                 if s < mid < t:
                     spec = {"model": small["model"], "kwargs": {**small["kwargs"], key: mid}}
                     return spec, f"{key} {mid}, the geometric mean of the teacher's {t} and the student's {s}"
-    candidates = [r for r in rungs[1:] if teacher is None or not teacher.get("params") or r["params"] < teacher["params"]]
+    smaller = teacher is not None and teacher.get("params")
+    candidates = [r for r in rungs[1:] if not smaller or r["params"] < teacher["params"]]
     if not candidates:
         candidates = rungs[1:]
     if teacher is not None and teacher.get("params"):
@@ -214,10 +215,12 @@ def capacity_finding(rungs: list[dict[str, Any]], teacher: dict[str, Any] | None
     at = f"{p['label']} ({p['params']:,} params): {_points(g)} ± {100 * stds[peak]:.2f} points"
     falls = peak < last and g - gains[last] > max(stds[peak], stds[last])
     if g <= 0:
-        text = (f"the teacher helps none of the students: distilling costs at every size (least at {at}); "
-                "check the teacher (is it better than the students alone?) and the recipe's terms")
+        text = (f"the teacher helps none of the students: distilled is no better than alone at any size (best: {at}); "
+                "check the teacher (is it better than the students alone?) and the recipe's terms "
+                "(temperature, weights: try `distill sweep`)")
     elif peak == last:
-        text = f"the gain from the teacher is largest for the largest student, {at}: no sign of a capacity gap in this range"
+        text = (f"the gain from the teacher is largest for the largest student, {at}: no sign of a capacity gap "
+                "in this range")
     elif falls:
         lr = rungs[last]
         where = "is largest for the smallest student" if peak == 0 else "peaks at"
@@ -393,7 +396,8 @@ def run_ladder(
 
     def measure(spec: dict[str, Any]) -> tuple[int, float | None]:
         model = task.build_model(ModelSpec(model=spec["model"], kwargs=spec["kwargs"]), prepared, 0)
-        return count_parameters(model), (cpu_latency_ms(model, example, repeats=repeats) if example is not None else None)
+        latency = cpu_latency_ms(model, example, repeats=repeats) if example is not None else None
+        return count_parameters(model), latency
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

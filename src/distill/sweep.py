@@ -229,7 +229,8 @@ def parse_dimension(path: Any, spec: Any, data: dict[str, Any]) -> Dimension:
         if step <= 0:
             raise DistillError(f"search space '{path}': step must be positive, got {step}")
         if log:
-            raise DistillError(f"search space '{path}': log and step cannot be combined (Optuna samples one or the other)")
+            raise DistillError(f"search space '{path}': log and step cannot be combined (Optuna samples one "
+                               "or the other)")
     if kind == "int":
         for key, value in (("low", low), ("high", high), ("step", step)):
             if value is not None and value != int(value):
@@ -286,7 +287,8 @@ def read_space(source: str | Path | dict | None, params: list[str] | tuple[str, 
     for item in params:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise DistillError(f"--param expects PATH=SPEC, e.g. 'train.lr={{low: 0.0001, high: 0.01, log: true}}', got '{item}'")
+            raise DistillError("--param expects PATH=SPEC, e.g. 'train.lr={low: 0.0001, high: 0.01, log: true}', "
+                               f"got '{item}'")
         try:
             space[key] = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -536,7 +538,8 @@ def _search(journal: str, study_name: str, n_trials: int, base: dict[str, Any], 
     torch.set_num_threads(threads)
     try:
         sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)
-        study = optuna.load_study(study_name=study_name, storage=_storage(Path(journal)), sampler=sampler, pruner=pruner)
+        study = optuna.load_study(study_name=study_name, storage=_storage(Path(journal)), sampler=sampler,
+                                  pruner=pruner)
         study.optimize(lambda trial: _objective(trial, base, dims, data_dir, repeats), n_trials=n_trials,
                        catch=(DistillError,), callbacks=[_announce] if verbose else None)
     finally:
@@ -812,7 +815,8 @@ def run_sweep(
         files["pareto_plot"] = str(pareto)
 
     best = {"number": best_trial.number, "val_score": best_trial.value, "params": best_trial.params,
-            "latency_ms": best_trial.user_attrs.get("latency_ms"), "student_params": best_trial.user_attrs.get("params")}
+            "latency_ms": best_trial.user_attrs.get("latency_ms"),
+            "student_params": best_trial.user_attrs.get("params")}
     default_rows = [r for r in rows if r["default"] and r["state"] == "COMPLETE"]
     if default_rows:
         best["default_val_score"] = default_rows[0]["val_score"]
@@ -822,7 +826,8 @@ def run_sweep(
     result = SweepResult(
         out=out, trials=rows, best=best, best_recipe=out / "best.yaml", space={d.path: d.to_spec() for d in dims},
         importances=importances, comparison=comparison, files=files, teacher=shared.to_dict(),
-        settings={"metric": metric, "trials": trials, "workers": workers, "threads_per_worker": per_worker, "seed": seed,
+        settings={"metric": metric, "trials": trials, "workers": workers, "threads_per_worker": per_worker,
+                  "seed": seed,
                   "val_fraction": data["data"]["val_fraction"], "pruner": type(pruner).__name__,
                   "search_seconds": round(search_seconds, 1), "seconds": round(time.perf_counter() - started, 1)},
         notes=notes,
