@@ -92,9 +92,9 @@ class DetectionSet:
         from distill.errors import DistillError
 
         raise DistillError(
-            "this is a detection data set (boxes, not one class per sample): feed it with "
-            "distill.tasks.detection.DetectionLoader and train with the 'centernet' loss (see "
-            "benchmarks/detection.py); recipes (distill run) do not drive detection yet"
+            "this is a detection data set (boxes, not one class per sample): in a recipe, set "
+            "'task: detection' (see the mnist-detection preset); in Python, feed it with "
+            "distill.tasks.detection.DetectionLoader"
         )
 
     def subset(self, index: torch.Tensor) -> "DetectionSet":
