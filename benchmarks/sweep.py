@@ -106,6 +106,10 @@ def main() -> int:
             print(f"{name}: test accuracy {100 * s['score']:.2f} ± {100 * s['score_std']:.2f}% "
                   f"(seeds {c['seeds']}), {s['params']:,} params, {s.get('latency_ms') or 0:.3f} ms")
         print(f"best - default: {c['gain_points']:+.2f} points")
+        if "best_settings" in c:
+            s = c["best_settings"]
+            print(f"best settings on the default student: test accuracy {100 * s['score']:.2f} ± "
+                  f"{100 * s['score_std']:.2f}%, {c['gain_points_same_student']:+.2f} points over the default")
     return 0
 
 

@@ -200,3 +200,20 @@ def test_cli_sweep_errors_are_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_comparison_separates_the_student_found_from_the_settings_found():
+    from distill.sweep import Dimension, comparison_params
+
+    dims = [Dimension("train.lr", "float", 1e-4, 1e-1, log=True), Dimension("student.kwargs.width", "int", 2, 32)]
+    defaults = {"train.lr": 0.002, "student.kwargs.width": 8}
+    both = {"train.lr": 0.01, "student.kwargs.width": 16}
+    runs = comparison_params(both, defaults, dims)
+    assert runs == {"default": {}, "best": both, "best_settings": {"train.lr": 0.01}}
+    only_lr = {"train.lr": 0.01, "student.kwargs.width": 8}  # same student: best is like for like already
+    assert comparison_params(only_lr, defaults, dims) == {"default": {}, "best": only_lr}
+    only_student = {"train.lr": 0.002, "student.kwargs.width": 16}  # best settings = default settings
+    assert comparison_params(only_student, defaults, dims) == {"default": {}, "best": only_student}
+    assert comparison_params(dict(defaults), defaults, dims) == {"default": {}}
+    # the recipe's student is outside the space: there is no default student to put the settings on
+    assert "best_settings" not in comparison_params(both, {"train.lr": 0.002}, dims)

@@ -836,27 +836,50 @@ def run_sweep(
     return result
 
 
+def comparison_params(best_params: dict[str, Any], defaults: dict[str, Any], dims: list[Dimension]) -> dict[str, dict]:
+    """The recipes the final comparison runs, as parameter changes to the searched recipe.
+
+    ``default`` (no change) and ``best`` (the best trial's values), and ``best_settings`` when the best
+    trial also changed the student (a ``student.*`` field): its other values on the default student.
+    A bigger student found by the search then does not pass for better settings: ``best_settings``
+    against ``default`` is the like-for-like gain. ``best`` is left out when it is the default.
+    """
+    runs: dict[str, dict] = {"default": {}}
+    if all(best_params.get(d.path) == defaults.get(d.path) for d in dims) and len(defaults) == len(dims):
+        return runs
+    runs["best"] = dict(best_params)
+    student = [d.path for d in dims if d.path.startswith("student.")]
+    changed = any(p in best_params and best_params[p] != defaults.get(p, _MISSING) for p in student)
+    settings = {k: v for k, v in best_params.items() if k not in student}
+    settings_changed = any(v != defaults.get(k, _MISSING) for k, v in settings.items())
+    if changed and settings_changed and all(p in defaults for p in student):
+        runs["best_settings"] = settings
+    return runs
+
+
 def _compare(base, best_params, defaults, dims, out, workers, data_dir, recipe, say) -> dict[str, Any]:
-    """The default recipe and the best trial's, each run on every seed by the pipeline (baseline
+    """The recipes of :func:`comparison_params`, each run on every seed by the pipeline (baseline
     off, the shared teacher and cache) and evaluated on the test split the same way."""
     from distill.shared_teacher import run_recipes
 
+    runs = comparison_params(best_params, defaults, dims)
     jobs = {}
-    for name, params in (("default", {}), ("best", best_params)):
+    for name, params in runs.items():
         job = apply_params(base, params)
-        job["name"] = f"{recipe.name}-{name}"
+        job["name"] = f"{recipe.name}-{name.replace('_', '-')}"
         job["baseline"]["enabled"] = False
-        jobs[name] = (job, out / "compare" / name)
-    same = all(best_params.get(d.path) == defaults.get(d.path) for d in dims) and len(defaults) == len(dims)
-    if same:
-        del jobs["best"]
+        jobs[name] = (job, out / "compare" / name.replace("_", "-"))
     say(f"comparison on the test split: {', '.join(jobs)} recipe(s) over seeds {list(recipe.seeds)}")
     results = run_recipes(jobs, workers=workers, data_dir=data_dir)
     summary = {name: _summary(r) for name, r in results.items()}
+    same = "best" not in runs
     if same:
         summary["best"] = summary["default"]
     d, b = summary["default"], summary["best"]
     summary["gain_points"] = 100 * (b["score"] - d["score"])
+    if "best_settings" in summary:  # the default student with the best settings: like for like
+        summary["best_settings"]["params_changed"] = runs["best_settings"]
+        summary["gain_points_same_student"] = 100 * (summary["best_settings"]["score"] - d["score"])
     summary["seeds"] = list(recipe.seeds)
     summary["same_recipe"] = same
     return summary

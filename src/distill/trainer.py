@@ -200,6 +200,7 @@ class Trainer:
         stopped_early = False
         params = [p for p in unwrapped.parameters() if p.requires_grad]
         set_progress = getattr(self.model, "set_progress", None)
+        plain_step = _plain_optimizer(accelerator, optimizer)
         fault = fault_armed("epoch-step")  # tests: DISTILL_FAULT=epoch-step:[NAME:]E:S
         with progress:
             task = progress.add(f"{self.name}", total=(cfg.epochs - start_epoch) * steps)
@@ -248,8 +249,12 @@ class Trainer:
                                 elif updates % GRAD_NORM_EVERY == 0:
                                     grad_norms.append(_grad_norms(accelerator, params))
                                 updates += 1
-                            optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
+                            if plain_step is None:
+                                optimizer.step()
+                                optimizer.zero_grad(set_to_none=True)
+                            elif accelerator.sync_gradients:
+                                plain_step.step()
+                                plain_step.zero_grad(set_to_none=True)
                     except RuntimeError as exc:  # torch.OutOfMemoryError is one
                         if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
                             raise DistillError(self._out_of_memory(epoch, step, accelerator)) from None
@@ -339,6 +344,23 @@ class Trainer:
             "so the teacher does not run during training; lower precision (train.mixed_precision=bf16, "
             "teacher.precision=bf16)"
         )
+
+
+def _plain_optimizer(accelerator, optimizer) -> torch.optim.Optimizer | None:
+    """The optimizer inside accelerate's wrapper, when stepping it directly is all the wrapper does.
+
+    Without loss scaling, on a single process or with DDP, ``AcceleratedOptimizer.step`` and
+    ``zero_grad`` only skip the call between accumulation steps; on the way they probe for optional
+    packages and inspect signatures on every call (about 0.4 ms a step, 3% of a small MLP's step on
+    a CPU core). The trainer then steps the inner optimizer itself, on ``sync_gradients``; any other
+    set-up (fp16 scaling, DeepSpeed, XLA, Megatron) keeps the wrapper.
+    """
+    from accelerate.utils import DistributedType
+
+    plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    if accelerator.scaler is not None or accelerator.distributed_type not in plain:
+        return None
+    return getattr(optimizer, "optimizer", None)
 
 
 def _grad_norms(accelerator, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:

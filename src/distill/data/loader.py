@@ -252,10 +252,12 @@ class BatchLoader:
         if self._inputs.numel() * 4 > self._PREPARE_LIMIT:
             return None
         if getattr(self, "_prepared", None) is None:
-            x = self._inputs
-            x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+            x = self._inputs.float()  # a new tensor (or the caller's float tensor: not changed in place)
+            if self._inputs.dtype == torch.uint8:
+                x.div_(255)
             if self._mean is not None:
-                x = (x - self._mean_t) / self._std_t
+                x = x.sub(self._mean_t) if x is self._inputs else x.sub_(self._mean_t)
+                x.div_(self._std_t)
             self._prepared = x.contiguous()
         return self._prepared
 

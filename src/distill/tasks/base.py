@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from distill.errors import DistillError
 from distill.registry import Registry
 from distill.signals import Feed, default_feed
 
@@ -31,6 +32,16 @@ class Task:
     #: whether a teacher cache (``teacher.cache``) can serve this task's batches
     supports_cache = False
     feed: Feed = staticmethod(default_feed)
+    #: metrics besides the primary one that the report shows as columns (e.g. ``("perplexity",)``)
+    report_metrics: tuple[str, ...] = ()
+    #: the data sets this task reads itself (``None``: any of :data:`distill.data.DATASETS`)
+    data_names: tuple[str, ...] | None = None
+
+    def validate(self, recipe) -> None:
+        """Raise a :class:`DistillError` for what this task cannot run (models, ``task_options``),
+        before any work starts. By default the task takes no ``task_options``."""
+        if recipe.task_options:
+            raise DistillError(f"task '{self.name}' takes no task_options (got {', '.join(recipe.task_options)})")
 
     def prepare(self, recipe, data_dir) -> Any:
         """Load the data once for the whole run; returns an object with ``train`` (the training
@@ -64,6 +75,23 @@ class Task:
         """One sample (batch 1) to time the models on, or ``None`` to skip latency."""
         return None
 
+    def latency_ms(self, model: nn.Module, prepared, repeats: int) -> float | None:
+        """Median ms of one forward pass at batch 1 (``None``: not measured); by default on
+        :meth:`latency_input`."""
+        example = self.latency_input(prepared)
+        if example is None:
+            return None
+        from distill.measure import cpu_latency_ms
+
+        return cpu_latency_ms(model, example, repeats=repeats)
+
+    def batch_transform(self, recipe, prepared, student: nn.Module, teacher: Any) -> Any:
+        """A per-step transform ``(batch, generator) -> batch`` of a stage's training batches, applied
+        after the recipe's own (or ``None``). ``teacher`` is what teaches the stage (a signal such as
+        :class:`distill.signals.LiveTeacher`, or a model in ``distill check``); ``None`` when the
+        stage trains on labels alone."""
+        return None
+
 
 TASKS: Registry[type[Task]] = Registry("task")
 
@@ -73,8 +101,14 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         import importlib
 
-        module = {"classification": "distill.tasks.classification", "ranking": "distill.tasks.ranking", "detection": "distill.tasks.detection",
-                  "causal-lm": "distill.tasks.causal_lm"}.get(name)
+        module = {
+            "classification": "distill.tasks.classification",
+            "ranking": "distill.tasks.ranking",
+            "detection": "distill.tasks.detection",
+            "text-classification": "distill.tasks.text_classification",
+            "sentence-embedding": "distill.tasks.sentence_embedding",
+            "causal-lm": "distill.tasks.causal_lm",
+        }.get(name)
         if module is not None:
             importlib.import_module(module)
     return TASKS.get(name)()
