@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from distill.batch_transforms import compose
 from distill.objective import Distiller, DryRunReport
 from distill.pipeline import stage_transform, terms_from
 from distill.recipes.schema import Recipe
@@ -64,7 +65,8 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> CheckRep
                                   num_samples=len(prepared.train))
         spec = stage.train or recipe.train
         batch = next(iter(task.train_loader(recipe, prepared, spec.batch_size, seed)))
-        transform = stage_transform(recipe, stage)
+        transform = compose(stage_transform(recipe, stage),
+                            task.batch_transform(recipe, prepared, student, teacher_arg))
         if transform is not None:
             batch = transform(batch, torch.Generator().manual_seed(0))
         result = distiller.dry_run(batch)

@@ -21,7 +21,7 @@ from distill.batch_transforms import compose, mixup_transform, shift_transform
 from distill.checkpoints import atomic_write
 from distill.data import BatchLoader, DataSplits, load_dataset, split_validation
 from distill.errors import DistillError
-from distill.measure import count_parameters, cpu_latency_ms, size_bytes
+from distill.measure import count_parameters, size_bytes
 from distill.models import create_model, load_weights, save_weights
 from distill.objective import Distiller, Term
 from distill.recipes.loader import recipe_to_yaml
@@ -249,7 +249,8 @@ class Run:
                                   num_samples=len(prepared.train))
         loader = self.task.train_loader(self.recipe, prepared, spec.batch_size, seed)
         first = next(iter(loader))
-        transform = stage_transform(self.recipe, stage)
+        transform = compose(stage_transform(self.recipe, stage),
+                            self.task.batch_transform(self.recipe, prepared, model, teacher))
         report = distiller.dry_run(transform(first, torch.Generator().manual_seed(0)) if transform else first)
         if report.problems:
             raise DistillError(f"{name}: " + "; ".join(report.problems))
@@ -448,15 +449,14 @@ class Run:
 
     def _summarise(self, teacher, teacher_metrics, per_seed, prepared) -> dict[str, Any]:
         recipe = self.recipe
-        example = self.task.latency_input(prepared)
         student_arch = self.task.build_model(recipe.student, prepared, 0)
-        measure_latency = recipe.evaluate.latency and example is not None
         repeats = recipe.evaluate.latency_repeats
 
         def describe(model: nn.Module) -> dict[str, Any]:
             info = {"params": count_parameters(model), "size_bytes": size_bytes(model)}
-            if measure_latency:
-                info["latency_ms"] = cpu_latency_ms(model, example, repeats=repeats)
+            latency = self.task.latency_ms(model, prepared, repeats) if recipe.evaluate.latency else None
+            if latency is not None:
+                info["latency_ms"] = latency
             return info
 
         teacher_info = describe(teacher)
@@ -481,6 +481,8 @@ class Run:
             key = self.task.primary_metric
             summary["per_seed"] = {key: [r[key] for r in rows]}
             results[role] = summary
+        if self.task.report_metrics:  # more columns for the report (e.g. perplexity)
+            results["report_metrics"] = list(self.task.report_metrics)
         results["verdict"] = verdict(results)
         return results
 

@@ -39,8 +39,17 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             f"{100 * s['ece']:.2f}" if "ece" in s else "–",
             f"{s['params']:,}",
             f"{s['latency_ms']:.3f}" if "latency_ms" in s else "–",
+            *(_plain(s, extra) for extra in results.get("report_metrics", [])),
         ])
     return rows
+
+
+def _plain(summary: dict, key: str) -> str:
+    """A metric that is not a fraction (e.g. perplexity), with its std over seeds."""
+    if key not in summary:
+        return "–"
+    std = summary.get(f"{key}_std")
+    return f"{summary[key]:.4g} ± {std:.2g}" if std else f"{summary[key]:.4g}"
 
 
 HEADER = ["", "model", "accuracy %", "agreement %", "KL(t‖s)", "ECE %", "params", "latency ms"]
@@ -48,7 +57,8 @@ HEADER = ["", "model", "accuracy %", "agreement %", "KL(t‖s)", "ECE %", "param
 
 def header(results: dict[str, Any]) -> list[str]:
     """The table's columns; the first metric is the task's primary one (accuracy, NDCG@10, mAP...)."""
-    return ["", "model", f"{results.get('primary_metric', 'accuracy')} %", *HEADER[3:]]
+    return ["", "model", f"{results.get('primary_metric', 'accuracy')} %", *HEADER[3:],
+            *results.get("report_metrics", [])]
 
 
 def markdown_table(results: dict[str, Any]) -> str:

@@ -39,6 +39,7 @@ INSTALL_HINT = "pip install distill[nlp]"
 # The tasks load_pretrained / from_config build, by the Auto class that builds them.
 TASKS = {
     "sequence-classification": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
     "base": "AutoModel",
 }
 
@@ -163,7 +164,8 @@ def load_pretrained(
     ``name_or_path`` is a local folder (``config.json`` and weights) or a hub name; with
     ``HF_HUB_OFFLINE=1`` hub names load from the local cache only. ``task`` picks the head:
     ``sequence-classification`` (``num_labels`` sets its size; a fresh head is initialised when the
-    checkpoint has none) or ``base`` (no head: ``logits`` is then the last hidden state).
+    checkpoint has none), ``causal-lm`` (next-token logits ``[B, T, V]``) or ``base`` (no head:
+    ``logits`` is then the last hidden state).
     ``attentions=True`` loads with eager attention, so attention taps cost no switch later.
     ``tokenizer`` loads the tokenizer from elsewhere (default: the same place). Other keyword
     arguments go to ``from_pretrained``.

@@ -95,11 +95,17 @@ def validate_names(recipe: Recipe) -> None:
     from distill.losses import get_loss
     from distill.models import MODELS
 
-    DATASETS.get(recipe.data.name)
-    members = recipe.teacher.ensemble.members if recipe.teacher.ensemble else []
     from distill.tasks.base import get_task
 
-    get_task(recipe.task)  # an unknown task names the nearest ones
+    task = get_task(recipe.task)  # an unknown task names the nearest ones (and registers its data)
+    if task.data_names is None:
+        DATASETS.get(recipe.data.name)
+    elif recipe.data.name not in task.data_names:
+        raise DistillError(
+            f"unknown data set '{recipe.data.name}' for task {recipe.task}; choose {', '.join(task.data_names)}"
+        )
+    task.validate(recipe)
+    members = recipe.teacher.ensemble.members if recipe.teacher.ensemble else []
     for spec in (recipe.teacher, recipe.student, *members, *recipe.assistants):
         if ":" not in spec.model and recipe.task == "classification":  # other tasks have their own zoos
             MODELS.get(spec.model)
@@ -130,6 +136,14 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | tuple[str, ...
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise DistillError(format_validation_error(exc, where)) from None
+    if "terms" not in (data.get("baseline") or {}):  # the baseline trains on the task's own labels
+        from distill.recipes.schema import TermSpec
+        from distill.tasks.base import get_task
+
+        try:
+            recipe.baseline.terms = [TermSpec(**get_task(recipe.task).label_term)]
+        except DistillError:
+            pass  # an unknown task: validate_names says so
     validate_names(recipe)
     return recipe
 

@@ -130,9 +130,14 @@ class GateSpec(Strict):
 
 
 class TeacherSpec(ModelSpec):
-    """A teacher: trained by the run (``train``) or loaded (``weights``)."""
+    """A teacher: trained by the run (``train``), loaded (``weights``), or used as built (``pretrained``)."""
 
     train: TrainSpec | None = None
+    pretrained: bool = Field(
+        False,
+        description="the model as built is already trained (e.g. model: hf from kwargs.name_or_path): use it "
+        "as-is, without weights or training",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str | None = None
     cache: str | None = Field(
@@ -206,11 +211,19 @@ class Recipe(Strict):
         "with the distill stage's terms",
     )
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    task_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of the task (see its module), e.g. causal-lm's on_policy"
+    )
 
     @model_validator(mode="after")
     def _teacher_source(self) -> "Recipe":
-        if self.teacher.weights is None and self.teacher.train is None:
-            raise ValueError("teacher needs 'weights' (a file to load) or 'train' (how to train it)")
+        if self.teacher.weights is None and self.teacher.train is None and not self.teacher.pretrained:
+            raise ValueError(
+                "teacher needs 'weights' (a file to load), 'train' (how to train it) or 'pretrained: true' "
+                "(use the model as built)"
+            )
+        if self.teacher.pretrained and self.teacher.train is not None:
+            raise ValueError("teacher.pretrained uses the teacher as-is: drop teacher.train (or pretrained)")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
         if self.distill.peers > 1 and (self.distill.generations > 1 or self.assistants):

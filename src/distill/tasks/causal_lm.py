@@ -17,12 +17,18 @@ scores those sequences like any other batch, so neither the trainer nor the obje
 Sequence-level KD (Kim & Rush 2016, "Sequence-Level Knowledge Distillation"):
 :func:`sequence_kd_dataset` lets the teacher write continuations of a prompt set once; the student
 then trains on them with plain cross-entropy (``token_ce``).
+
+In a recipe (``task: causal-lm``, :class:`CausalLMTask`): data ``tinyshakespeare`` or ``text`` (a
+text file of your own, cut the same way), models ``gpt`` or ``hf``; ``task_options.on_policy`` is
+GKD's λ (an :class:`OnPolicyTransform` in every distilled stage) and ``task_options.sequence_kd``
+trains the distilled stages on the teacher's continuations (:class:`TeacherSequences`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,6 +36,7 @@ from torch import nn
 from distill.data.types import ArrayDataset
 from distill.errors import DistillError
 from distill.signals import Batch, default_feed
+from distill.taps import output_tensor
 
 feed = default_feed
 
@@ -81,7 +88,7 @@ def generate(
                 logits = model(tokens if step == 0 else tokens[:, -1:], cache=cache)[:, -1].float()
             else:
                 context = tokens if limit is None else tokens[:, -limit:]
-                logits = model(context)[:, -1].float()
+                logits = output_tensor(model(context))[:, -1].float()  # a tensor, or HF's output
             if vocab_size is not None:
                 logits = logits[:, :vocab_size]
             if temperature == 0:
@@ -288,3 +295,331 @@ def sample_teacher_nll(
         raise DistillError("sample_teacher_nll: no prompts or no new tokens")
     return total / count
 
+
+
+# ------------------------------------------------------------------------------ sequence-level KD as batches
+class TeacherSequences:
+    """A batch transform for sequence-level KD (Kim & Rush 2016) inside a run: every training block
+    is replaced by the teacher's continuation of its first ``prompt_tokens`` tokens.
+
+    The teacher writes the continuations of the training set in chunks of ``chunk`` consecutive
+    blocks, each the first time one of its blocks is drawn, by :func:`sequence_kd_dataset` (sampled
+    at ``temperature``, chunk ``c`` from seed ``(seed, c)``; ``0``: greedy), and keeps them: every
+    epoch replays the same teacher text, as in a data set the teacher wrote once, and the text does
+    not depend on the order blocks are drawn in (a resumed run gets the same). Blocks are looked up
+    by ``batch["index"]``; inputs and targets keep the blocks' length ``T`` (the continuation is
+    ``T + 1 − prompt_tokens`` tokens). The student then trains with ``token_ce`` on the teacher's
+    tokens (or any term: the teacher scores its own text).
+    """
+
+    def __init__(self, teacher: nn.Module, dataset: ArrayDataset, prompt_tokens: int = 16,
+                 temperature: float = 1.0, seed: int = 0, chunk: int = 64,
+                 vocab_size: int | None = None) -> None:
+        length = dataset.inputs.shape[1]
+        if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or not 1 <= prompt_tokens <= length:
+            raise DistillError(f"sequence-level KD: prompt_tokens must be an integer in [1, {length}] "
+                               f"(the block length), got {prompt_tokens!r}")
+        self.teacher = teacher
+        self.dataset = dataset
+        self.prompt_tokens = prompt_tokens
+        self.temperature = temperature
+        self.seed = int(seed)
+        self.chunk = chunk
+        self.vocab_size = vocab_size
+        self.inputs = torch.zeros(dataset.inputs.shape, dtype=torch.long)
+        self.targets = torch.zeros(dataset.inputs.shape, dtype=torch.long)
+        self.written = torch.zeros(math.ceil(len(dataset) / chunk), dtype=torch.bool)
+
+    def write(self, index: torch.Tensor) -> None:
+        """Have the teacher write the chunks holding blocks ``index`` (int64 ``[b]``), once."""
+        length = self.dataset.inputs.shape[1]
+        for c in torch.unique(index // self.chunk).tolist():
+            if self.written[c]:
+                continue
+            rows = slice(c * self.chunk, (c + 1) * self.chunk)
+            prompts = self.dataset.inputs[rows, : self.prompt_tokens].long()
+            part = sequence_kd_dataset(self.teacher, prompts, length + 1 - self.prompt_tokens, self.temperature,
+                                       batch_size=self.chunk, seed=self.seed * 1_000_003 + c,
+                                       vocab_size=self.vocab_size)
+            self.inputs[rows], self.targets[rows] = part.inputs, part.targets
+            self.written[c] = True
+
+    def __call__(self, batch: Batch, generator: torch.Generator) -> Batch:
+        index = batch["index"].long().cpu()
+        self.write(index)
+        inputs = self.inputs[index].to(batch["input"].device, batch["input"].dtype)
+        targets = self.targets[index].to(batch["target"].device, batch["target"].dtype)
+        return {**batch, "input": inputs, "target": targets}
+
+
+# ------------------------------------------------------------------------------ plain text files
+from distill.data.arrays import register_builder  # noqa: E402
+
+
+@register_builder("text")
+def text_file(
+    data_dir,
+    *,
+    path: str,
+    block_size: int = 64,
+    stride: int | None = None,
+    val_fraction: float = 0.1,
+) -> "DataSplits":  # noqa: F821
+    """A UTF-8 text file of your own as next-character blocks, as ``tinyshakespeare`` cuts its text
+    (character vocabulary, the first ``1 − val_fraction`` for training, the rest held out)."""
+    from pathlib import Path
+
+    from distill.data.tinyshakespeare import char_vocab, encode_chars, text_blocks
+    from distill.data.types import DataSplits
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DistillError(f"data set 'text': {file} does not exist")
+    for name, value in (("block_size", block_size), ("stride", block_size if stride is None else stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DistillError(f"data set 'text': {name} must be a positive integer, got {value!r}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise DistillError(f"data set 'text': val_fraction must be between 0 and 1, got {val_fraction!r}")
+    text = file.read_text(encoding="utf-8")
+    vocab = char_vocab(text)
+    ids = encode_chars(text, vocab)
+    cut = int(len(ids) * (1 - val_fraction))
+    stride = block_size if stride is None else stride
+    return DataSplits(name="text", train=text_blocks(ids[:cut], block_size, stride),
+                      test=text_blocks(ids[cut:], block_size, stride), num_classes=len(vocab),
+                      input_shape=(block_size,), extra={"source": str(file), "tokenizer": "char", "vocab": vocab})
+
+
+# ------------------------------------------------------------------------------ the task
+from distill.tasks.base import TASKS, Task  # noqa: E402
+
+#: task_options of causal-lm and their defaults
+OPTIONS = {
+    "on_policy": 0.0,  # GKD's λ: the fraction of distilled batches the student writes
+    "new_tokens": 32,  # tokens the student samples per on-policy sequence
+    "temperature": 1.0,  # sampling temperature of on-policy and sequence-level KD text
+    "sequence_kd": False,  # distilled stages train on the teacher's continuations of the blocks
+    "sequence_kd_prompt_tokens": 16,  # the prompt the teacher continues
+}
+HF_KWARGS = ("name_or_path", "config")
+
+
+def token_feed(model: nn.Module, batch: Batch) -> object:
+    """``model(batch["input"])`` with the ids as int64 ``[B, T]`` (Hugging Face models need them so)."""
+    return model(batch["input"].long())
+
+
+@dataclass
+class PreparedLM:
+    """Token blocks of a causal-LM run: ``train`` / ``val`` / ``test`` :class:`ArrayDataset`s and loaders."""
+
+    data: object  # DataSplits
+    train: ArrayDataset
+    val: ArrayDataset | None
+    test_loader: object
+    val_loader: object | None
+    vocab_size: int
+
+
+def _teacher_model(teacher) -> nn.Module:
+    """The model behind a teacher signal (a live teacher) for generating text."""
+    if isinstance(teacher, nn.Module):
+        return teacher
+    model = getattr(teacher, "model", None)
+    if not isinstance(model, nn.Module):
+        raise DistillError("sequence-level KD needs the live teacher to write text; drop teacher.cache")
+    return model
+
+
+@TASKS.register("causal-lm")
+class CausalLMTask(Task):
+    """Next-token prediction on token blocks: token accuracy (primary), perplexity, agreement with
+    the teacher's next token, KL(teacher ‖ student) per token.
+
+    Models: the zoo's ``gpt`` (any zoo model mapping ``[B, T]`` ids to ``[B, T, V]`` logits) and
+    ``hf`` causal LMs, ``kwargs: {name_or_path: ...}`` or ``kwargs: {config: {model_type: gpt2, ...}}``
+    (``vocab_size`` defaults to the data's vocabulary). ``task_options``: ``on_policy`` (GKD's λ,
+    :class:`OnPolicyTransform` in every distilled stage), ``new_tokens``, ``temperature``,
+    ``sequence_kd`` (:class:`TeacherSequences`), ``sequence_kd_prompt_tokens``.
+    """
+
+    name = "causal-lm"
+    primary_metric = "accuracy"
+    label_term = {"name": "ce", "loss": "token_ce"}
+    report_metrics = ("perplexity",)
+    feed = staticmethod(token_feed)
+
+    def validate(self, recipe) -> None:
+        from distill.losses import get_loss
+
+        options = recipe.task_options
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise DistillError(f"task_options: causal-lm has no option {', '.join(unknown)}; "
+                               f"accepted: {', '.join(OPTIONS)}")
+        lam = options.get("on_policy", 0.0)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
+            raise DistillError(f"task_options.on_policy (GKD's λ) must be in [0, 1], got {lam!r}")
+        if lam and options.get("sequence_kd"):
+            raise DistillError("task_options: choose on_policy (the student writes) or sequence_kd (the teacher "
+                               "writes), not both")
+        if lam:
+            readers = [t.name for t in recipe.distill.terms if "labels" in get_loss(t.loss).inputs and t.weight]
+            if readers:
+                raise DistillError(
+                    f"task_options.on_policy is {lam}, but distill terms {', '.join(readers)} read labels, which "
+                    "on-policy batches (the student's own text) do not have; use teacher terms only "
+                    "(token_fkl, token_rkl, token_gjsd, ...)"
+                )
+        for role, spec in (("teacher", recipe.teacher), ("student", recipe.student),
+                           *((f"assistants.{i}", a) for i, a in enumerate(recipe.assistants))):
+            self._check_spec(spec, role)
+
+    @staticmethod
+    def _check_spec(spec, role: str) -> None:
+        if spec.model == "hf":
+            unknown = sorted(set(spec.kwargs) - set(HF_KWARGS))
+            if unknown:
+                raise DistillError(f"{role}.kwargs: model 'hf' has no option {', '.join(unknown)}; "
+                                   f"accepted: {', '.join(HF_KWARGS)}")
+            if ("name_or_path" in spec.kwargs) == ("config" in spec.kwargs):
+                raise DistillError(f"{role} (model: hf) needs exactly one of kwargs.name_or_path and kwargs.config")
+            return
+        from distill.models import MODELS
+
+        if ":" not in spec.model and spec.model not in MODELS:
+            raise DistillError(f"unknown model '{spec.model}' for task causal-lm; choose gpt (or another zoo "
+                               "model that maps token ids to next-token logits) or hf")
+
+    def prepare(self, recipe, data_dir) -> PreparedLM:
+        from distill.data import BatchLoader, load_dataset
+
+        spec = recipe.data
+        data = load_dataset(spec.name, data_dir, **spec.options)
+        if data.train.inputs.dim() != 2 or data.train.targets.dim() != 2:
+            raise DistillError(f"data set '{spec.name}' is not a next-token data set ([N, T] inputs and targets); "
+                               "use tinyshakespeare or text")
+        train = data.train
+        if spec.train_subset is not None and spec.train_subset < len(train):
+            gen = torch.Generator().manual_seed(spec.seed + 7919)
+            train = train.subset(torch.randperm(len(train), generator=gen)[: spec.train_subset].sort().values)
+        val = None
+        if spec.val_fraction > 0:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(spec.seed))
+            n_val = max(1, round(spec.val_fraction * len(train)))
+            if n_val >= len(train):
+                raise DistillError(f"data.val_fraction {spec.val_fraction} leaves no training blocks")
+            val, train = train.subset(order[:n_val].sort().values), train.subset(order[n_val:].sort().values)
+        # logits of one evaluation batch are [b, T, V] floats: keep them within about 64 MiB
+        length = data.train.inputs.shape[1]
+        batch = max(1, min(spec.eval_batch_size, (1 << 24) // max(1, length * data.num_classes)))
+        test_loader = BatchLoader(data.test, batch, shuffle=False)
+        val_loader = BatchLoader(val, batch, shuffle=False) if val is not None else None
+        return PreparedLM(data, train, val, test_loader, val_loader, data.num_classes)
+
+    def describe(self, prepared: PreparedLM) -> str:
+        length = prepared.train.inputs.shape[1]
+        return (f"{prepared.data.name}: {len(prepared.train)} training blocks of {length} tokens"
+                + (f", {len(prepared.val)} validation" if prepared.val is not None else "")
+                + f", {len(prepared.data.test)} held-out; vocabulary {prepared.vocab_size}")
+
+    def train_loader(self, recipe, prepared: PreparedLM, batch_size: int, seed: int):
+        from distill.data import BatchLoader
+
+        return BatchLoader(prepared.train, batch_size, shuffle=True, seed=seed,
+                           drop_last=len(prepared.train) > batch_size)
+
+    def build_model(self, spec, prepared: PreparedLM, seed: int) -> nn.Module:
+        self._check_spec(spec, "model")
+        if spec.model != "hf":
+            from distill.pipeline import build_model
+
+            return build_model(spec, prepared.data, seed)
+        from distill.nlp.hf import from_config, load_pretrained
+
+        length = prepared.train.inputs.shape[1]
+        torch.manual_seed(seed)
+        if "name_or_path" in spec.kwargs:
+            model, _ = load_pretrained(spec.kwargs["name_or_path"], task="causal-lm")
+        else:
+            config = dict(spec.kwargs["config"])
+            config.setdefault("vocab_size", prepared.vocab_size)
+            for special in ("bos_token_id", "eos_token_id"):  # defaults such as GPT-2's 50256 lie outside
+                config.setdefault(special, None)              # a small vocabulary; generation here needs none
+            model = from_config(config, task="causal-lm", seed=seed)
+        vocab = int(getattr(model.config, "vocab_size", prepared.vocab_size))
+        if vocab < prepared.vocab_size:
+            raise DistillError(f"model 'hf' has a vocabulary of {vocab} tokens but the data {prepared.vocab_size}")
+        positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if positions is not None and int(positions) < length:
+            raise DistillError(f"model 'hf' takes {positions} positions but the data's blocks are {length} tokens; "
+                               "raise the config's n_positions / max_position_embeddings or lower block_size")
+        model.block_size = length  # generation crops its context to what the model was trained on
+        if spec.weights is not None:
+            from distill.models import load_weights
+
+            load_weights(model, spec.weights)
+        return model
+
+    def check_models(self, teacher: nn.Module, student: nn.Module, prepared: PreparedLM) -> None:
+        from distill.taps import output_tensor
+
+        x = prepared.data.test.inputs[:2].long()
+        modes = teacher.training, student.training
+        teacher.eval(), student.eval()
+        with torch.no_grad():
+            t, s = output_tensor(token_feed(teacher, {"input": x})), output_tensor(token_feed(student, {"input": x}))
+        teacher.train(modes[0]), student.train(modes[1])
+        for who, out in (("teacher", t), ("student", s)):
+            if out.dim() != 3 or out.shape[:2] != x.shape:
+                raise DistillError(f"the {who} maps [B, T] token ids to {list(out.shape)}, not next-token logits "
+                                   f"[B, T, V]; use a causal LM (gpt, or hf)")
+            if out.shape[-1] < prepared.vocab_size:
+                raise DistillError(f"the {who} predicts {out.shape[-1]} tokens but the vocabulary has "
+                                   f"{prepared.vocab_size}")
+
+    def reference(self, teacher: nn.Module, prepared: PreparedLM) -> nn.Module:
+        return teacher  # agreement and KL need its next-token distribution at every position
+
+    def evaluate(self, model, prepared: PreparedLM, reference=None, split: str = "test") -> dict[str, float]:
+        loader = prepared.test_loader if split == "test" else prepared.val_loader
+        batches = ({"input": b["input"].long(), "target": b["target"]} for b in loader)
+        teacher = reference if split == "test" else None
+        return evaluate_lm(_LongIds(model), batches, _LongIds(teacher) if teacher is not None else None,
+                           prepared.vocab_size)
+
+    def latency_input(self, prepared: PreparedLM) -> torch.Tensor:
+        return prepared.data.test.inputs[:1].long()
+
+    def batch_transform(self, recipe, prepared: PreparedLM, student: nn.Module, teacher):
+        if teacher is None:
+            return None
+        options = {**OPTIONS, **recipe.task_options}
+        if options["sequence_kd"]:
+            model = _teacher_model(teacher)
+            cache = self.__dict__.setdefault("_written", {})  # one teacher text per teacher and data
+            key = (id(model), id(prepared))
+            if key not in cache:
+                cache[key] = TeacherSequences(model, prepared.train, int(options["sequence_kd_prompt_tokens"]),
+                                              float(options["temperature"]), seed=recipe.data.seed,
+                                              vocab_size=prepared.vocab_size)
+            return cache[key]
+        if options["on_policy"]:
+            return OnPolicyTransform(student, lam=float(options["on_policy"]),
+                                     max_new_tokens=int(options["new_tokens"]),
+                                     temperature=float(options["temperature"]), vocab_size=prepared.vocab_size)
+        return None
+
+
+class _LongIds(nn.Module):
+    """Calls the model with int64 ids (evaluate_lm passes the batch's ids as they come)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.train(model.training)  # evaluate_lm puts the wrapper back in this mode
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from distill.taps import output_tensor
+
+        return output_tensor(self.model(ids.long()))
