@@ -9,7 +9,8 @@ For each pair (the Hinton MNIST MLPs; a convolutional pair on Fashion-MNIST) it 
   (c) distill online: ``Trainer`` + ``Distiller`` + live teacher,
   (d) distill with the teacher cache,
 interleaved (a, b, c, d, a, b, ...) so machine noise hits all alike, and reports medians and the
-ratios (c)/(a) (target <= 1.05) and (d)/(b) (target <= 1.10); plus each method's peak memory above what
+ratios (c)/(a) (target <= 1.05) and (d)/(b) (target <= 1.10), with glibc's malloc tuned for all four
+as distill's trainer tunes it on the CPU (``distill.allocator``); plus each method's peak memory above what
 the process already held (sampled every 2 ms during one epoch) and the cache's build time and size. Data: ../shared/data (or
 --data-dir). Writes benchmarks/results/speed.json.
 """
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from distill import Distiller, Term, TrainConfig, Trainer
+from distill.allocator import keep_freed_memory
 from distill.cache import TeacherCache, build_cache
 from distill.data import BatchLoader, load_dataset
 from distill.models import create_model
@@ -153,6 +155,8 @@ def main() -> int:
     args = parser.parse_args()
     threads = args.threads or free_cores()
     torch.set_num_threads(threads)
+    # as distill's trainer does on the CPU; set here so the hand-written loops get it too
+    allocator = keep_freed_memory()
     data_dir = Path(args.data_dir)
     record = {
         "command": "python " + " ".join(sys.argv),
@@ -160,7 +164,9 @@ def main() -> int:
         "machine": {"platform": platform.platform(), "cores_free": free_cores(), "torch_threads": threads,
                     "torch": torch.__version__},
         "settings": {"samples_per_epoch": args.samples, "batch_size": BATCH, "repeats": args.repeats,
-                     "temperature": T, "alpha": ALPHA, "optimizer": "adam"},
+                     "temperature": T, "alpha": ALPHA, "optimizer": "adam",
+                     "allocator": "glibc malloc keeps freed memory (distill.allocator), all four methods"
+                     if allocator else "default"},
         "pairs": {},
     }
     tmp = Path(tempfile.mkdtemp(prefix="distill-speed-"))

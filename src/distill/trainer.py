@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill.allocator import keep_freed_memory
 from distill.checkpoints import fault_armed, fault_point, load_checkpoint, save_checkpoint
 from distill.errors import DistillError
 from distill.logbook import MetricsLog
@@ -169,6 +170,8 @@ class Trainer:
         accelerator = make_accelerator(cfg)
         optimizer = make_optimizer(self.model.parameters(), cfg)
         model, optimizer = accelerator.prepare(self.model, optimizer)
+        if accelerator.device.type == "cpu":
+            keep_freed_memory()  # no page faults for every step's activations (see distill.allocator)
         if hasattr(self.loader, "rank"):
             self.loader.rank = accelerator.process_index
             self.loader.world_size = accelerator.num_processes
