@@ -303,6 +303,9 @@ def cmd_sweep(args) -> int:
 
         console.print(f"test {metric} over seeds {c['seeds']}: best trial {pct(c['best'])}, default recipe "
                       f"{pct(c['default'])} ({c['gain_points']:+.2f} points)", markup=False)
+        if "best_settings" in c:  # the search also changed the student: the settings alone, like for like
+            console.print(f"the best trial's settings on the default student: {pct(c['best_settings'])} "
+                          f"({c['gain_points_same_student']:+.2f} points over the default)", markup=False)
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
     console.print(f"best recipe: {result.best_recipe}; trials: {result.files['trials']}; plots: "
