@@ -255,3 +255,18 @@ def test_distilling_a_gpt_lowers_the_loss_and_brings_the_student_to_the_teacher(
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert after["kl_to_teacher"] < before["kl_to_teacher"] and after["agreement"] > before["agreement"]
     assert 0 < transform.on_policy_batches < transform.batches
+
+
+def test_token_ids_stay_integers_so_a_bf16_teacher_sees_them_exactly():
+    from distill.data import BatchLoader
+    from distill.data.types import ArrayDataset
+    from distill.signals import move_batch
+
+    ids = torch.arange(50_000, 50_000 + 8 * 16, dtype=torch.int64).reshape(8, 16)  # GPT-2-sized ids
+    loader = BatchLoader(ArrayDataset(ids, torch.zeros(8, dtype=torch.int64)), 4, shuffle=False)
+    batch = next(iter(loader))
+    assert batch["input"].dtype == torch.int64 and torch.equal(batch["input"], ids[:4])
+    fed = move_batch(batch, "cpu", torch.bfloat16)  # what LiveTeacher(precision="bf16") does
+    assert torch.equal(fed["input"], ids[:4])  # bf16 would have rounded 50,001 to 50,048
+    with pytest.raises(DistillError, match="token ids"):
+        BatchLoader(ArrayDataset(ids, torch.zeros(8, dtype=torch.int64)), 4, shuffle=False, mean=(0.5,), std=(1.0,))

@@ -122,6 +122,8 @@ class BatchLoader:
         self._inputs = dataset.inputs
         self._targets = dataset.targets.long()
         self._mean = self._std = None
+        if mean is not None and _is_token_ids(self._inputs):
+            raise DistillError("mean/std normalise measurements; these inputs are integer token ids")
         if mean is not None:
             channels = self._inputs.shape[1] if self._inputs.dim() > 1 else 1
             if len(mean) not in (1, channels) or len(std) != len(mean):
@@ -207,8 +209,7 @@ class BatchLoader:
             raise DistillError(f"view_inputs: sample indices must be in [0, {n})")
         if len(view) and (int(view.min()) < 0 or (self.views is not None and int(view.max()) >= self.views)):
             raise DistillError(f"view_inputs: views must be in [0, {self.views}), the loader's views")
-        x = self._inputs[index]
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        x = _model_input(self._inputs[index])
         if self.augmenting:
             bits = counter_hash(derive_seed("replay", self.view_seed), index.numpy(), view.numpy())
             span = np.uint64(2 * self.padding + 1)
@@ -234,8 +235,7 @@ class BatchLoader:
             if prepared is not None:
                 yield {"input": prepared[index], "target": self._targets[index], "index": index}
                 continue
-            x = self._inputs[index]
-            x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+            x = _model_input(self._inputs[index])
             if augmenting:
                 generator = torch.Generator().manual_seed(derive_seed("augment", self.seed, self.epoch, k))
                 params = crop_flip_params(len(global_index), generator, self.padding, self.flip)
@@ -252,9 +252,7 @@ class BatchLoader:
         if self._inputs.numel() * 4 > self._PREPARE_LIMIT:
             return None
         if getattr(self, "_prepared", None) is None:
-            x = self._inputs.float()  # a new tensor (or the caller's float tensor: not changed in place)
-            if self._inputs.dtype == torch.uint8:
-                x.div_(255)
+            x = _model_input(self._inputs)  # a new tensor, or the caller's own (not changed in place)
             if self._mean is not None:
                 x = x.sub(self._mean_t) if x is self._inputs else x.sub_(self._mean_t)
                 x.div_(self._std_t)
@@ -267,3 +265,17 @@ class BatchLoader:
             index = order[k * self.batch_size:(k + 1) * self.batch_size][self.rank::self.world_size]
             view = self.epoch_views(index)
             yield {"input": self.view_inputs(index, view), "target": self._targets[index], "index": index, "view": view}
+
+
+def _is_token_ids(x: torch.Tensor) -> bool:
+    return not x.is_floating_point() and x.dtype not in (torch.uint8, torch.bool)
+
+
+def _model_input(x: torch.Tensor) -> torch.Tensor:
+    """What a model gets: uint8 images scaled to [0, 1] (a new tensor), other integers (token ids)
+    as they are, so a teacher run in bf16 or fp16 cannot round them, and measurements as float32."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255)
+    if _is_token_ids(x):
+        return x
+    return x.float()
