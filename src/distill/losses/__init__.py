@@ -35,6 +35,8 @@ from distill.losses.box_kd import box_kd_loss
 from distill.losses.centernet import centernet_loss
 from distill.losses.fg_feature import fg_feature_loss
 from distill.losses.heatmap_kd import heatmap_kd_loss
+from distill.losses.embedding_cosine import embedding_cosine_loss
+from distill.losses.pair_cosine import pair_cosine_loss
 from distill.losses.ce import ce_loss
 from distill.losses.hint import hint_loss
 from distill.losses.kd import kd_loss
@@ -47,4 +49,5 @@ __all__ = ["LOSSES", "LossSpec", "get_loss", "register_loss", "kd_loss", "ce_los
            "bce_loss", "pointwise_kd_loss", "ranknet_kd_loss", "listnet_kd_loss", "rd_loss",
            "TopK", "token_fkl_loss", "token_rkl_loss", "token_gjsd_loss", "token_tvd_loss", "token_skl_loss",
            "token_srkl_loss",
-           "centernet_loss", "heatmap_kd_loss", "fg_feature_loss", "box_kd_loss"]
+           "centernet_loss", "heatmap_kd_loss", "fg_feature_loss", "box_kd_loss",
+           "embedding_cosine_loss", "pair_cosine_loss"]

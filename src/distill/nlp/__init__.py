@@ -11,6 +11,9 @@
   every model), :class:`TextCollator` (the same for a ``transformers.Trainer``), ``word_tokenizer``;
 - :mod:`distill.nlp.layer_map`: TinyBERT's layer map as hint terms;
 - :mod:`distill.nlp.bilstm`: the BiLSTM student of Tang et al. 2019;
+- :mod:`distill.nlp.sentence`: sentence embeddings: ``mean_pool``, :class:`SentenceEncoder` (an HF
+  encoder giving ``[B, D]`` unit vectors), :class:`StaticEmbedding` (a trained token table), ``embed``;
+- :mod:`distill.nlp.stsb`: STS-B sentence pairs (``read_stsb``) and rank correlation (``spearman``);
 - ``DistillTrainer`` (:mod:`distill.nlp.hf_trainer`): a ``transformers.Trainer`` with a distill loss.
 
 Importing this package does not import ``transformers``; the functions that need it do, and raise
@@ -22,12 +25,18 @@ from distill.nlp.data import TextCollator, TextDataset, TextLoader, TextSplits, 
 from distill.nlp.feed import TextFeed, predict
 from distill.nlp.hf import HFModel, from_config, load_pretrained, require_transformers
 from distill.nlp.layer_map import layer_map_terms, uniform_layer_map
+from distill.nlp.sentence import (
+    SentenceEncoder, StaticEmbedding, embed, keep_layers, load_sentence_encoder, mean_pool, truncated_encoder,
+)
+from distill.nlp.stsb import SentencePairs, read_stsb, spearman
 
 __all__ = [
     "BiLSTMClassifier", "DistillTrainer", "HFModel", "TextCollator", "TextDataset", "TextFeed", "TextLoader",
     "TextSplits",
     "from_config", "layer_map_terms", "load_pretrained", "load_sst2", "predict", "require_transformers",
     "uniform_layer_map", "word_tokenizer",
+    "SentenceEncoder", "SentencePairs", "StaticEmbedding", "embed", "keep_layers", "load_sentence_encoder",
+    "mean_pool", "read_stsb", "spearman", "truncated_encoder",
 ]
 
 
