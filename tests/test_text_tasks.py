@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from text_helpers import wordpiece_tokenizer
 import yaml
 
 from distill import DistillError
@@ -40,19 +41,7 @@ def write_tsv(path, rows) -> None:
 
 
 def wordpiece(texts):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
-        vocab_size=60, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]",
-                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    return wordpiece_tokenizer(texts, vocab_size=60)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from torch import nn
 from distill.batch_transforms import compose, mixup_transform, shift_transform
 from distill.checkpoints import atomic_write
 from distill.data import BatchLoader, DataSplits, load_dataset, split_validation
+from distill.data.splits import training_subset
 from distill.errors import DistillError
 from distill.measure import count_parameters, size_bytes
 from distill.models import create_model, load_weights, save_weights
@@ -73,10 +74,7 @@ def prepare_data(recipe: Recipe, data_dir: str | Path | None) -> Prepared:
     data = load_dataset(spec.name, data_dir, **spec.options)
     if spec.augment.shift and data.is_image:
         raise DistillError("data.augment.shift is for 1-D signals; use crop_padding and flip for images")
-    train = data.train
-    if spec.train_subset is not None and spec.train_subset < len(train):
-        gen = torch.Generator().manual_seed(spec.seed + 7919)
-        train = train.subset(torch.randperm(len(train), generator=gen)[: spec.train_subset])
+    train = training_subset(data.train, spec.train_subset, spec.seed)
     val = None
     if spec.val_fraction > 0:
         train, val = split_validation(train, spec.val_fraction, seed=spec.seed)

@@ -37,3 +37,23 @@ def split_validation(ds: ArrayDataset, fraction: float, seed: int) -> tuple[Arra
             f"{'validation' if len(val_idx) == 0 else 'training'} split; change data.val_fraction"
         )
     return ds.subset(train_idx), ds.subset(val_idx)
+
+
+def training_subset(ds, size: int | None, seed: int, *, keep_order: bool = False):
+    """``size`` samples of ``ds`` drawn at random (``data.train_subset``; seeded by ``seed``), or
+    ``ds`` itself when ``size`` is ``None`` or not smaller. ``keep_order`` keeps the drawn samples
+    in their original order (e.g. consecutive text blocks). ``ds`` is any data set with ``subset``."""
+    if size is None or size >= len(ds):
+        return ds
+    index = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + 7919))[:size]
+    return ds.subset(index.sort().values if keep_order else index)
+
+
+def random_split(ds, fraction: float, seed: int, what: str = "samples"):
+    """``(train, val)`` with ``round(fraction * n)`` random samples (at least one) in val, for data
+    without class labels to stratify by (sentences, text blocks); both parts keep the original order."""
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(fraction * len(ds)))
+    if n_val >= len(ds):
+        raise DistillError(f"data.val_fraction {fraction} leaves no training {what}")
+    return ds.subset(order[n_val:].sort().values), ds.subset(order[:n_val].sort().values)

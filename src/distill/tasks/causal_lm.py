@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from distill.data.types import ArrayDataset
+from distill.data.splits import random_split, training_subset
 from distill.errors import DistillError
 from distill.signals import Batch, default_feed
 from distill.taps import output_tensor
@@ -499,17 +500,10 @@ class CausalLMTask(Task):
         if data.train.inputs.dim() != 2 or data.train.targets.dim() != 2:
             raise DistillError(f"data set '{spec.name}' is not a next-token data set ([N, T] inputs and targets); "
                                "use tinyshakespeare or text")
-        train = data.train
-        if spec.train_subset is not None and spec.train_subset < len(train):
-            gen = torch.Generator().manual_seed(spec.seed + 7919)
-            train = train.subset(torch.randperm(len(train), generator=gen)[: spec.train_subset].sort().values)
+        train = training_subset(data.train, spec.train_subset, spec.seed, keep_order=True)
         val = None
         if spec.val_fraction > 0:
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(spec.seed))
-            n_val = max(1, round(spec.val_fraction * len(train)))
-            if n_val >= len(train):
-                raise DistillError(f"data.val_fraction {spec.val_fraction} leaves no training blocks")
-            val, train = train.subset(order[:n_val].sort().values), train.subset(order[n_val:].sort().values)
+            train, val = random_split(train, spec.val_fraction, spec.seed, "blocks")
         # logits of one evaluation batch are [b, T, V] floats: keep them within about 64 MiB
         length = data.train.inputs.shape[1]
         batch = max(1, min(spec.eval_batch_size, (1 << 24) // max(1, length * data.num_classes)))

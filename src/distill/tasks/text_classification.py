@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill.data.splits import random_split, training_subset
 from distill.errors import DistillError
 from distill.signals import Batch
 from distill.tasks.base import TASKS, Task
@@ -320,17 +321,10 @@ class TextClassificationTask(Task):
         options = {**OPTIONS, **recipe.task_options}
         data = load_text_data(recipe.data, data_dir)
         spec = recipe.data
-        train = data.train
-        if spec.train_subset is not None and spec.train_subset < len(train):
-            gen = torch.Generator().manual_seed(spec.seed + 7919)
-            train = train.subset(torch.randperm(len(train), generator=gen)[: spec.train_subset])
+        train = training_subset(data.train, spec.train_subset, spec.seed)
         val = None
         if spec.val_fraction > 0:
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(spec.seed))
-            n_val = max(1, round(spec.val_fraction * len(train)))
-            if n_val >= len(train):
-                raise DistillError(f"data.val_fraction {spec.val_fraction} leaves no training sentences")
-            val, train = train.subset(order[:n_val].sort().values), train.subset(order[n_val:].sort().values)
+            train, val = random_split(train, spec.val_fraction, spec.seed, "sentences")
         prepared = PreparedText(data, train, val, int(options["max_length"]), bool(options["group_by_length"]),
                                 spec.eval_batch_size)
         # the teacher's tokenizer first: models built from a config without one share it
