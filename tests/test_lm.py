@@ -270,3 +270,36 @@ def test_token_ids_stay_integers_so_a_bf16_teacher_sees_them_exactly():
     assert torch.equal(fed["input"], ids[:4])  # bf16 would have rounded 50,001 to 50,048
     with pytest.raises(DistillError, match="token ids"):
         BatchLoader(ArrayDataset(ids, torch.zeros(8, dtype=torch.int64)), 4, shuffle=False, mean=(0.5,), std=(1.0,))
+
+
+def test_generate_reuses_hugging_face_keys_and_values():
+    pytest.importorskip("transformers")
+    from distill.nlp import from_config
+    from distill.tasks import causal_lm
+
+    torch.manual_seed(0)
+    model = from_config({"model_type": "gpt2", "vocab_size": 40, "n_positions": 64, "n_embd": 32, "n_layer": 2,
+                         "n_head": 2}, task="causal-lm")
+    lengths = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    prompt = torch.randint(0, 40, (3, 5))
+    cached = causal_lm.generate(model, prompt, 6, temperature=0)
+    assert lengths == [5, 1, 1, 1, 1, 1]  # the prompt once, then one new position per step
+    lengths.clear()
+    full = causal_lm.generate(lambda_wrapper(model), prompt, 6, temperature=0)  # no cache: whole context
+    assert torch.equal(cached, full) and cached.shape == (3, 11)
+
+
+def lambda_wrapper(model):
+    """``model`` behind a plain module (no ``config``), so ``generate`` reruns the context."""
+
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, ids):
+            return self.inner(input_ids=ids).logits
+
+    return Plain()

@@ -65,8 +65,9 @@ def generate(
     logits (a padded vocabulary's extra entries are never sampled). Sampling draws from
     ``generator`` (CPU), so a seeded generator gives the same tokens. The model runs in eval mode
     and is put back in the mode it was in. Models with ``supports_cache`` (the zoo's ``gpt``) keep
-    their keys and values between steps while the sequence fits ``block_size``; others rerun the
-    context each step.
+    their keys and values between steps while the sequence fits ``block_size``, and so do Hugging
+    Face causal LMs (``cache`` or ``past_key_values``; those cannot crop, so the sequence must fit them); others
+    rerun the context each step.
     """
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise DistillError(f"generate: prompt must be [B, P] token ids with P >= 1, got {tuple(prompt.shape)}")
@@ -83,10 +84,16 @@ def generate(
     cached = getattr(model, "supports_cache", False) and limit is not None and (
         tokens.shape[1] + max_new_tokens - 1 <= limit)
     cache: list = []
+    hf_cache = None if cached else _cache_argument(model)
+    past = None
     try:
         for step in range(max_new_tokens):
             if cached:
                 logits = model(tokens if step == 0 else tokens[:, -1:], cache=cache)[:, -1].float()
+            elif hf_cache:
+                out = model(input_ids=tokens if past is None else tokens[:, -1:], use_cache=True, **{hf_cache: past})
+                past = getattr(out, hf_cache)
+                logits = out.logits[:, -1].float()
             else:
                 context = tokens if limit is None else tokens[:, -limit:]
                 logits = output_tensor(model(context))[:, -1].float()  # a tensor, or HF's output
@@ -101,6 +108,25 @@ def generate(
     finally:
         model.train(was_training)
     return tokens
+
+
+def _cache_argument(model: nn.Module) -> str | None:
+    """The name under which ``model``, a Hugging Face causal LM (bare, or in
+    :class:`distill.nlp.HFModel`), takes and returns its keys and values: ``cache`` (transformers 5)
+    or ``past_key_values`` (earlier); ``None`` for other models."""
+    import inspect
+
+    inner = getattr(model, "model", None)
+    target = inner if isinstance(inner, nn.Module) and hasattr(inner, "config") else model
+    if not hasattr(target, "config"):
+        return None
+    try:
+        names = inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "use_cache" not in names:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in names), None)
 
 
 # ------------------------------------------------------------------------------ GKD on-policy batches
