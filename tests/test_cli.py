@@ -203,3 +203,14 @@ def test_cache_command_and_fingerprint_refusal(finished_run, tmp_path, capsys):
     assert code == 2 and "teacher weights" in err
     code, _, err = run_cli(["cache", recipe_path, "--out", str(tmp_path / "c2")], capsys)
     assert code == 2 and "needs a trained teacher" in err
+
+
+def test_list_names_every_task_and_the_data_sets_tasks_register(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())  # the console wraps long lines
+    tasks = flat[flat.index("tasks:"):flat.index("models:")]
+    for name in ("classification", "ranking", "detection", "text-classification", "sentence-embedding", "causal-lm"):
+        assert name in tasks
+    data = flat[flat.index("data sets:"):flat.index("presets:")].replace(",", " ").split()
+    assert {"mnist", "ml-100k", "stsb", "text", "tinyshakespeare"} <= set(data)

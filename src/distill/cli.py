@@ -257,9 +257,12 @@ def cmd_list(args) -> int:
     from distill.losses import LOSSES
     from distill.models import MODELS
     from distill.recipes import preset_names
+    from distill.tasks.base import all_tasks
 
     console = _console()
-    for title, names in (("models", MODELS.names()), ("losses", LOSSES.names()),
+    tasks = all_tasks()  # importing the tasks registers their own data sets
+    described = [f"{name} ({', '.join(task.data_names)})" if task.data_names else name for name, task in tasks.items()]
+    for title, names in (("tasks", described), ("models", MODELS.names()), ("losses", LOSSES.names()),
                          ("data sets", DATASETS.names()), ("presets", preset_names())):
         console.print(f"[bold]{title}[/bold]: {', '.join(names)}")
     return 0

@@ -95,20 +95,26 @@ class Task:
 
 TASKS: Registry[type[Task]] = Registry("task")
 
+#: where each task outside the registry's import is defined (imported on first use)
+TASK_MODULES = {
+    "classification": "distill.tasks.classification",
+    "ranking": "distill.tasks.ranking",
+    "detection": "distill.tasks.detection",
+    "text-classification": "distill.tasks.text_classification",
+    "sentence-embedding": "distill.tasks.sentence_embedding",
+    "causal-lm": "distill.tasks.causal_lm",
+}
+
 
 def get_task(name: str) -> Task:
     """An instance of the task registered as ``name`` (tasks outside the core register on import)."""
-    if name not in TASKS:
+    if name not in TASKS and name in TASK_MODULES:
         import importlib
 
-        module = {
-            "classification": "distill.tasks.classification",
-            "ranking": "distill.tasks.ranking",
-            "detection": "distill.tasks.detection",
-            "text-classification": "distill.tasks.text_classification",
-            "sentence-embedding": "distill.tasks.sentence_embedding",
-            "causal-lm": "distill.tasks.causal_lm",
-        }.get(name)
-        if module is not None:
-            importlib.import_module(module)
+        importlib.import_module(TASK_MODULES[name])
     return TASKS.get(name)()
+
+
+def all_tasks() -> dict[str, Task]:
+    """Every known task by name, each module imported (which also registers its data sets)."""
+    return {name: get_task(name) for name in TASK_MODULES}
