@@ -381,18 +381,6 @@ def distill_hf_trainer(student, teacher, spec, out, blocks, steps, clock):
                     data_collator=collator(spec["prompt"]), callbacks=[clock_callback(clock)])
 
 
-class LogitsOf(torch.nn.Module):
-    """A Hugging Face causal LM as ``ids [B, T] -> logits [B, T, V]``, what distill's causal-LM task
-    (``generate``, ``OnPolicyTransform``) expects of a model."""
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids.long()).logits
-
-
 class TimedLoader:
     """Fixed batches in a fixed order, ``{"input": ids, "mask": ...}``, timestamping each hand-over."""
 
@@ -417,11 +405,12 @@ class TimedLoader:
 
 
 def distill_trainer(student, teacher, spec, blocks, lam, steps, clock):
+    from distill.nlp.hf import HFModel
     from distill.objective import Distiller, Term
     from distill.tasks.causal_lm import OnPolicyTransform
     from distill.trainer import TrainConfig, Trainer
 
-    s, t = LogitsOf(student), LogitsOf(teacher)
+    s, t = HFModel(student), HFModel(teacher)  # what load_pretrained / from_config give a user
     distiller = Distiller(s, t, [Term("gkd", "token_gjsd", params={"beta": spec["beta"]})])
     distiller.register_forward_hook(lambda module, args, out: clock.losses.append(float(out.loss.detach())))
     config = TrainConfig(epochs=1, optimizer="adamw", lr=spec["lr"], weight_decay=0.0, schedule="constant",
@@ -735,7 +724,7 @@ def markdown(result: dict) -> str:
         "weighted down by that factor (distill averages over the sampled tokens; the last-10-step losses "
         "of TRL's λ = 0.5 runs are lower for that reason). TRL samples with `model.generate`, with a KV cache "
         "unless gradient checkpointing is on (TRL's default: `use_cache=False`); distill's `OnPolicyTransform` "
-        "reruns the context for each new token on models without `supports_cache` (these Hugging Face models). "
+        "samples with `distill.tasks.causal_lm.generate`, which reuses the Hugging Face model's keys and values. "
         "TRL's configs default to `gradient_checkpointing=True` (SFTConfig), which recomputes the student's "
         "forward in backward; the rows without that note turn it off, to match distill's compute.",
         "",

@@ -111,22 +111,30 @@ def generate(
 
 
 def _cache_argument(model: nn.Module) -> str | None:
-    """The name under which ``model``, a Hugging Face causal LM (bare, or in
-    :class:`distill.nlp.HFModel`), takes and returns its keys and values: ``cache`` (transformers 5)
-    or ``past_key_values`` (earlier); ``None`` for other models."""
+    """The keyword under which ``model`` takes and returns its keys and values: ``cache``
+    (transformers 5) or ``past_key_values`` (earlier), for a Hugging Face causal LM called directly
+    or through a wrapper that passes keywords on to it (:class:`distill.nlp.HFModel`); ``None`` for
+    any other model."""
     import inspect
 
+    def cache_name(module: nn.Module) -> str | None:
+        try:
+            params = inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            return None
+        if "use_cache" not in params:
+            return None
+        return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+    if not hasattr(model, "config"):
+        return None
+    own = cache_name(model)
+    if own is not None:
+        return own
     inner = getattr(model, "model", None)
-    target = inner if isinstance(inner, nn.Module) and hasattr(inner, "config") else model
-    if not hasattr(target, "config"):
-        return None
-    try:
-        names = inspect.signature(target.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    if "use_cache" not in names:
-        return None
-    return next((name for name in ("cache", "past_key_values") if name in names), None)
+    params = inspect.signature(model.forward).parameters
+    passes_on = "input_ids" in params and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return cache_name(inner) if passes_on and isinstance(inner, nn.Module) else None
 
 
 # ------------------------------------------------------------------------------ GKD on-policy batches
