@@ -27,7 +27,7 @@ from distill.models import create_model, load_weights, save_weights
 from distill.objective import Distiller, Term
 from distill.recipes.loader import recipe_to_yaml
 from distill.recipes.schema import ModelSpec, Recipe, StageSpec, TrainSpec
-from distill.signals import LiveTeacher
+from distill.signals import LiveTeacher, default_feed
 from distill.tasks.classification import classification_metrics, predict
 from distill.trainer import TrainConfig, Trainer, distributed_state
 
@@ -142,18 +142,24 @@ def build_model(spec: ModelSpec, data: DataSplits, seed: int) -> nn.Module:
 
 def check_classes(teacher: nn.Module, student: nn.Module, prepared: Prepared) -> None:
     """Teacher, student and data must share one label space."""
-    x = next(iter(prepared.test_loader))["input"][:2]
+    batch = {"input": next(iter(prepared.test_loader))["input"][:2]}
+    check_label_space(teacher, student, batch, default_feed, prepared.data)
+
+
+def check_label_space(teacher: nn.Module, student: nn.Module, batch: dict, feed, data) -> None:
+    """Raise a :class:`DistillError` unless teacher and student, fed ``batch`` by ``feed``, predict
+    ``data.num_classes`` classes (``data`` names the data set); both models keep their mode."""
+    from distill.taps import output_tensor
+
     modes = teacher.training, student.training
     teacher.eval(), student.eval()
     with torch.no_grad():
-        t, s = teacher(x).shape[-1], student(x).shape[-1]
+        t, s = output_tensor(feed(teacher, batch)).shape[-1], output_tensor(feed(student, batch)).shape[-1]
     teacher.train(modes[0]), student.train(modes[1])
     if t != s:
         raise DistillError(f"teacher predicts {t} classes but the student {s}; they must share the label space")
-    if t != prepared.data.num_classes:
-        raise DistillError(
-            f"teacher predicts {t} classes, but data set '{prepared.data.name}' has {prepared.data.num_classes}"
-        )
+    if t != data.num_classes:
+        raise DistillError(f"teacher predicts {t} classes, but data set '{data.name}' has {data.num_classes}")
 
 
 class Run:

@@ -349,21 +349,10 @@ class TextClassificationTask(Task):
         return build_text_model(spec, prepared, seed, role=prepared.roles.get(spec_key(spec), "model"))
 
     def check_models(self, teacher: nn.Module, student: nn.Module, prepared: PreparedText) -> None:
-        batch = prepared.loader("test", 2, shuffle=False).collate(torch.arange(min(2, len(prepared.data.test))))
-        from distill.taps import output_tensor
+        from distill.pipeline import check_label_space
 
-        modes = teacher.training, student.training
-        teacher.eval(), student.eval()
-        with torch.no_grad():
-            t = output_tensor(feed(teacher, batch)).shape[-1]
-            s = output_tensor(feed(student, batch)).shape[-1]
-        teacher.train(modes[0]), student.train(modes[1])
-        if t != s:
-            raise DistillError(f"teacher predicts {t} classes but the student {s}; they must share the label space")
-        if t != prepared.data.num_classes:
-            raise DistillError(
-                f"teacher predicts {t} classes, but data set '{prepared.data.name}' has {prepared.data.num_classes}"
-            )
+        batch = prepared.loader("test", 2, shuffle=False).collate(torch.arange(min(2, len(prepared.data.test))))
+        check_label_space(teacher, student, batch, feed, prepared.data)
 
     def reference(self, teacher: nn.Module, prepared: PreparedText) -> torch.Tensor:
         return predict(teacher, prepared.test_loader)[0]
