@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.signals import Batch, move_batch
-from distill.taps import output_tensor
+from distill.signals import Batch
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -66,15 +65,6 @@ def predict(
     model: nn.Module, loader, feed: TextFeed | None = None, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[N, C]`` and targets ``[N]`` of ``model`` over ``loader``, in eval mode, on CPU."""
-    feed = feed or TextFeed()
-    was_training = model.training
-    model.eval()
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    logits, targets = [], []
-    for batch in loader:
-        batch = move_batch(batch, device)
-        logits.append(output_tensor(feed(model, batch)).float().cpu())
-        targets.append(batch["target"].cpu())
-    model.train(was_training)
-    return torch.cat(logits), torch.cat(targets)
+    from distill.tasks.classification import predict as predict_classes
+
+    return predict_classes(model, loader, device, feed=feed or TextFeed())

@@ -64,8 +64,12 @@ def per_class_accuracy(logits: torch.Tensor, targets: torch.Tensor, num_classes:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[N, C]`` and targets ``[N]`` of ``model`` over ``loader``, in eval mode, on CPU."""
+def predict(
+    model: nn.Module, loader, device: torch.device | str | None = None, *, feed=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[N, C]`` and targets ``[N]`` of ``model`` over ``loader``, in eval mode, on CPU;
+    ``feed`` (default: ``model(batch["input"])``) gives a batch to the model."""
+    give = feed if feed is not None else default_feed
     was_training = model.training
     model.eval()
     if device is None:
@@ -73,7 +77,7 @@ def predict(model: nn.Module, loader, device: torch.device | str | None = None) 
     logits, targets = [], []
     for batch in loader:
         batch = move_batch(batch, device)
-        logits.append(output_tensor(feed(model, batch)).float().cpu())
+        logits.append(output_tensor(give(model, batch)).float().cpu())
         targets.append(batch["target"].cpu())
     model.train(was_training)
     return torch.cat(logits), torch.cat(targets)
