@@ -287,11 +287,11 @@ def test_generate_reuses_hugging_face_keys_and_values():
     cached = causal_lm.generate(model, prompt, 6, temperature=0)
     assert lengths == [5, 1, 1, 1, 1, 1]  # the prompt once, then one new position per step
     lengths.clear()
-    full = causal_lm.generate(lambda_wrapper(model), prompt, 6, temperature=0)  # no cache: whole context
+    full = causal_lm.generate(without_cache_support(model), prompt, 6, temperature=0)  # no cache: whole context
     assert torch.equal(cached, full) and cached.shape == (3, 11)
 
 
-def lambda_wrapper(model):
+def without_cache_support(model):
     """``model`` behind a plain module (no ``config``), so ``generate`` reruns the context."""
 
     class Plain(torch.nn.Module):

@@ -866,9 +866,10 @@ def _compare(base, best_params, defaults, dims, out, workers, data_dir, recipe, 
     jobs = {}
     for name, params in runs.items():
         job = apply_params(base, params)
-        job["name"] = f"{recipe.name}-{name.replace('_', '-')}"
+        slug = name.replace("_", "-")
+        job["name"] = f"{recipe.name}-{slug}"
         job["baseline"]["enabled"] = False
-        jobs[name] = (job, out / "compare" / name.replace("_", "-"))
+        jobs[name] = (job, out / "compare" / slug)
     say(f"comparison on the test split: {', '.join(jobs)} recipe(s) over seeds {list(recipe.seeds)}")
     results = run_recipes(jobs, workers=workers, data_dir=data_dir)
     summary = {name: _summary(r) for name, r in results.items()}
