@@ -182,7 +182,7 @@ def _teacher_recipe(args, width: int, epochs: int, seed: int) -> dict:
 def build_caches(args, work: Path, teacher_path: str, member_path: str) -> tuple[str, str]:
     from distill.cache import build_cache
     from distill.ensemble import TeacherEnsemble
-    from distill.pipeline import build_model, prepare_data, train_loader
+    from distill.tasks.classification import build_model, prepare_data, train_loader
     from distill.recipes import load_recipe
 
     data = base_recipe(args)

@@ -5,6 +5,8 @@ from torch import nn
 from distill.adapters import make_adapter
 from distill.errors import DistillError
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize(
     "s,t",

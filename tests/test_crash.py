@@ -4,6 +4,10 @@ uninterrupted run, and no checkpoint or teacher cache is ever left half-written.
 Real runs are killed at chosen places through the fault points of ``distill.checkpoints``
 (``DISTILL_FAULT=checkpoint-write:N``, ``cache-write:N``, ``cache-install:N``,
 ``epoch-step:[NAME:]E:S``), in subprocesses on scikit-learn's digits with tiny MLPs.
+
+The subprocesses run ``tests/fault_injection.py ARGS`` rather than ``distill ARGS``: the same
+command line, with a trainer callback added to every fit that carries the ``epoch-step`` point
+(the training loop has none of its own; see that file).
 """
 
 import csv
@@ -27,6 +31,7 @@ from distill.cli import main
 from distill.errors import DistillError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+FAULTS = Path(__file__).with_name("fault_injection.py")  # `distill ARGS`, with the epoch-step fault point
 
 RECIPE = {
     "name": "crash",
@@ -49,7 +54,7 @@ def victim(args: list[str], fault: str) -> subprocess.CompletedProcess:
     """Run ``distill ARGS`` in a subprocess that kills itself at ``fault``."""
     env = {**os.environ, "DISTILL_FAULT": fault, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "distill", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, str(FAULTS), *args], env=env, capture_output=True,
                           text=True, timeout=300)
 
 

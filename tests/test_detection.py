@@ -133,6 +133,14 @@ def test_gaussian_radius_keeps_the_minimum_overlap():
     assert torch.allclose(ious.min(0).values, torch.full((3,), t), atol=1e-5)  # and r is the largest such
 
 
+def test_the_task_re_exports_the_box_geometry_of_distill_boxes():
+    # the geometry lives in a low module the losses can import; older code reads it from the task
+    from distill import boxes
+
+    for name in ("STRIDE", "unpack_targets", "gaussian_radius", "encode_targets", "gather_cells", "box_iou"):
+        assert getattr(det, name) is getattr(boxes, name), name
+
+
 def test_batched_nms_against_a_hand_computed_case():
     boxes = torch.tensor([
         [0, 0, 10, 10],  # A .9

@@ -237,3 +237,122 @@ def test_export_command_on_a_model_name_uses_random_inputs(tmp_path, capsys):
     assert code == 0 and out.is_file() and "on 8 samples" in capsys.readouterr().out
     assert main(["export", "resnet8", "--format", "onnx"]) == 2
     assert "needs --input-shape" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ what the file records
+def native_metadata(fmt: str, path: Path) -> dict:
+    """The ``distill`` metadata read with the format's own library, as a deployer would."""
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return json.loads(session.get_modelmeta().custom_metadata_map["distill"])
+    if fmt == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["distill"])
+    extra = {"distill.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.load(str(path), _extra_files=extra)
+    return json.loads(extra["distill.json"])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exported_file_records_what_a_deployer_needs(run_dir, fmt, tmp_path):
+    import hashlib
+
+    import distill
+    from distill.finished_run import FinishedRun
+
+    out = tmp_path / f"student{export.FORMATS[fmt]}"
+    result = export.export_source(FinishedRun(run_dir), fmt, out)
+    meta = native_metadata(fmt, out)
+    assert meta == export.read_metadata(out) == result.metadata
+    data = FinishedRun(run_dir).prepared.data  # digits: normalised, with class names
+    assert meta["input_shape"] == [1, 8, 8] and meta["num_classes"] == 10
+    assert meta["normalization"]["mean"] == pytest.approx(list(data.mean))
+    assert meta["normalization"]["std"] == pytest.approx(list(data.std))
+    assert meta["class_names"] == list(data.class_names)
+    assert meta["seed"] == 0 and meta["student_model"] == "mlp" and meta["student_kwargs"] == {"hidden": [32]}
+    assert meta["recipe_sha256"] == hashlib.sha256((run_dir / "recipe.yaml").read_bytes()).hexdigest()
+    assert meta["distill_version"] == distill.__version__ and meta["format"] == fmt and meta["quantize"] is None
+    run = load_file(fmt, out, create_model("mlp", 10, (1, 8, 8), hidden=[32]))  # still loads as before
+    assert run(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=needs_onnx)])
+def test_int8_file_keeps_its_metadata_through_quantisation(run_dir, fmt, tmp_path):
+    from distill.finished_run import FinishedRun
+
+    out = tmp_path / f"student-int8{export.FORMATS[fmt]}"
+    export.export_source(FinishedRun(run_dir), fmt, out, quantize="int8")
+    meta = native_metadata(fmt, out)
+    assert meta["quantize"] == "int8" and meta["seed"] == 0
+
+
+def test_metadata_leaves_out_what_the_data_lacks(tmp_path):
+    """A model without a run: no normalisation, class names, seed or recipe to record."""
+    from distill.finished_run import NamedModel
+
+    out = tmp_path / "m.safetensors"
+    export.export_source(NamedModel("resnet8", (3, 16, 16), 4), "safetensors", out, samples=4)
+    meta = export.read_metadata(out)
+    assert meta["input_shape"] == [3, 16, 16] and meta["num_classes"] == 4 and meta["model"] == "resnet8"
+    assert not {"normalization", "class_names", "seed", "recipe_sha256"} & set(meta)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=needs_onnx)])
+def test_int8_on_a_cnn_says_the_conv_layers_stay_fp32(fmt, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resnet8", 4, (3, 16, 16)).eval()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    share = 100 * sum(p.numel() for m in convs for p in m.parameters()) / sum(p.numel() for p in model.parameters())
+    x = torch.randn(6, 3, 16, 16)
+    result = export_model(model, tmp_path / "r", fmt, parity_inputs(x, 3), quantize="int8")
+    assert (f"int8 dynamic quantisation covers nn.Linear only: {len(convs)} of {len(convs)} conv layers stay "
+            f"fp32 ({share:.0f}% of parameters)") in result.notes
+    assert any(n.startswith("quantised to int8: 1 nn.Linear layer") for n in result.notes)
+    assert result.to_dict()["notes"] == result.notes
+    mlp = export_model(tiny_mlp(), tmp_path / "m", fmt, [torch.randn(4, 12)], quantize="int8")
+    assert mlp.notes == [f"quantised to int8: 2 nn.Linear layers{' (ONNX: MatMul/Gemm)' if fmt == 'onnx' else ''} "
+                         "(100% of parameters)"]
+    assert export_model(tiny_mlp(), tmp_path / "f", fmt, [torch.randn(4, 12)]).notes == []  # fp32: nothing to say
+
+
+# ------------------------------------------------------------------------------ models from the working directory
+USER_MODEL = '''
+from torch import nn
+
+
+def Tiny(num_classes, input_shape, hidden=6):
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+'''
+
+
+def test_a_model_file_in_the_working_directory_imports_without_pythonpath(tmp_path, monkeypatch, capsys):
+    """The console script does not put the working directory on sys.path; the import tries it."""
+    name = "distill_test_cwd_nets"
+    (tmp_path / f"{name}.py").write_text(USER_MODEL)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])  # as the console script has it
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    try:
+        model = create_model(f"{name}:Tiny", 3, (5,))
+        assert model(torch.randn(2, 5)).shape == (2, 3)
+        assert main(["export", f"{name}:Tiny", "--input-shape", "5", "--classes", "3", "--format", "torchscript",
+                     "--samples", "4"]) == 0
+        assert (tmp_path / f"{name}_Tiny.pt").is_file()
+    finally:
+        sys.modules.pop(name, None)
+    capsys.readouterr()
+
+
+def test_a_missing_user_model_says_how_it_is_called(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DistillError) as info:
+        create_model("distill_no_such_nets_xyz:Tiny", 3, (5,))
+    message = str(info.value)
+    assert "cannot import module 'distill_no_such_nets_xyz'" in message and str(tmp_path) in message
+    assert "keyword arguments num_classes and input_shape" in message
+    assert str(tmp_path) not in sys.path  # a failed try leaves sys.path as it was

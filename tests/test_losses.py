@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from distill.errors import DistillError
 from distill.losses import LOSSES, ce_loss, get_loss, hint_loss, kd_loss
 
+pytestmark = pytest.mark.fast
+
 
 def reference_kd(s, t, T):
     """KL(p_t || p_s) * T^2 written from the paper's definition, in probability space."""

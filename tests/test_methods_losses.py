@@ -1,6 +1,8 @@
 """Behaviour of the method losses (DKD, DIST, logit standardisation, Tf-KD, AT, NST, SP, RKD, PKT,
-CC): properties every loss should have, properties each paper claims, and the objective end to
-end. Values against formulas written from the papers are in test_methods_losses_reference.py."""
+CC): their input checks, the properties each paper claims, and their registration. Properties every
+loss must have (finite, zero at the teacher, gradients, bf16, batch order, the objective's dry run)
+are checked for every registered loss in test_loss_contract.py; values against formulas written
+from the papers are in test_methods_losses_reference.py."""
 
 import math
 
@@ -30,6 +32,8 @@ from distill.losses import (
     tf_kd_loss,
 )
 
+pytestmark = pytest.mark.fast
+
 FAST = settings(max_examples=20, deadline=None)
 CLASSES = 6
 
@@ -54,123 +58,19 @@ def _virtual_teacher_logits(labels, correct_prob=0.99):
     return out
 
 
-# name -> (function, make(g, batch) -> (student, *others), student-equals-target(g, batch))
-def _logit_case(fn, with_labels=False):
-    def labels(g, batch):
-        return (_labels(g, batch),) if with_labels else ()
-
-    def make(g, batch):
-        return (_logits(g, batch), _logits(g, batch), *labels(g, batch))
-
-    def equal(g, batch):
-        t = _logits(g, batch)
-        return (t.clone(), t, *labels(g, batch))
-
-    return fn, make, equal
-
-
-def _tf_kd_case():
-    def make(g, batch):
-        return _logits(g, batch), _labels(g, batch)
-
-    def equal(g, batch):
-        y = _labels(g, batch)
-        return _virtual_teacher_logits(y), y
-
-    return tf_kd_loss, make, equal
-
-
-def _teacher_case(fn, student_shape, teacher_shape):
-    def make(g, batch):
-        return torch.randn(batch, *student_shape, generator=g), torch.randn(batch, *teacher_shape, generator=g)
-
-    def equal(g, batch):
-        t = torch.randn(batch, *teacher_shape, generator=g)
-        return t.clone(), t
-
-    return fn, make, equal
-
-
-CASES = {
-    "dkd": _logit_case(dkd_loss, with_labels=True),
-    "dist": _logit_case(dist_loss),
-    "kd_std": _logit_case(kd_std_loss),
-    "tf_kd": _tf_kd_case(),
-    "at": _teacher_case(at_loss, (3, 6, 6), (5, 6, 6)),
-    "nst": _teacher_case(nst_loss, (3, 6, 6), (5, 6, 6)),
-    "sp": _teacher_case(sp_loss, (7,), (4, 3)),
-    "rkd": _teacher_case(rkd_loss, (7,), (4, 3)),
-    "pkt": _teacher_case(pkt_loss, (7,), (4, 3)),
-    "cc": _teacher_case(cc_loss, (7,), (4, 3)),
-}
-NAMES = sorted(CASES)
 FEATURE_NAMES = ["at", "nst", "sp", "rkd", "pkt", "cc"]
 RELATION_NAMES = ["sp", "rkd", "pkt", "cc"]
 
 seeds = st.integers(0, 10_000)
-batches = st.integers(3, 7)
 
 
-# -- properties of every loss ------------------------------------------------------------------
+def _registered_example(name, seed):
+    """The student and teacher of the example registered with the loss (see losses/registry.py)."""
+    ex = get_loss(name).example(_gen(seed))
+    return ex["student"], ex["teacher"]
 
 
-@pytest.mark.parametrize("name", NAMES)
-@FAST
-@given(seed=seeds, batch=batches)
-def test_finite_nonnegative_float32(name, seed, batch):
-    fn, make, _ = CASES[name]
-    value = fn(*make(_gen(seed), batch))
-    assert value.shape == () and value.dtype == torch.float32
-    assert torch.isfinite(value)
-    assert value.item() >= -1e-6  # pkt's eps may dip below 0 by about 1e-7
-
-
-@pytest.mark.parametrize("name", NAMES)
-@FAST
-@given(seed=seeds, batch=batches)
-def test_zero_when_student_equals_its_target_and_positive_otherwise(name, seed, batch):
-    fn, make, equal = CASES[name]
-    # DIST's eps counts a class that is nearly constant over the batch as uncorrelated, so only
-    # without it is the loss of identical inputs zero (see test_dist_eps_...)
-    params = {"eps": 0.0} if name == "dist" else {}
-    assert fn(*equal(_gen(seed), batch), **params).item() == pytest.approx(0.0, abs=1e-5)
-    assert fn(*make(_gen(seed), batch)).item() > 1e-4
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_gradient_reaches_the_student(name):
-    fn, make, _ = CASES[name]
-    student, *others = make(_gen(3), 5)
-    student = student.clone().requires_grad_(True)
-    others = [o.clone().requires_grad_(True) if o.is_floating_point() else o for o in others]
-    fn(student, *others).backward()
-    assert torch.isfinite(student.grad).all()
-    assert student.grad.abs().sum() > 1e-6
-
-
-@pytest.mark.parametrize("name", NAMES)
-@FAST
-@given(seed=seeds, batch=batches)
-def test_invariant_to_permuting_the_batch(name, seed, batch):
-    fn, make, _ = CASES[name]
-    args = make(_gen(seed), batch)
-    perm = torch.randperm(batch, generator=_gen(seed + 1))
-    permuted = [a[perm] for a in args]
-    assert fn(*permuted).item() == pytest.approx(fn(*args).item(), rel=1e-4, abs=1e-6)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_bf16_inputs_give_fp32_close_to_fp32_value(name):
-    fn, make, _ = CASES[name]
-    args = make(_gen(4), 8)
-    reference = fn(*args).item()
-    low_args = [a.bfloat16() if a.is_floating_point() else a for a in args]
-    low_args[0].requires_grad_(True)
-    value = fn(*low_args)
-    assert value.dtype == torch.float32 and torch.isfinite(value)
-    assert value.item() == pytest.approx(reference, rel=0.05, abs=1e-3)
-    value.backward()
-    assert low_args[0].grad.dtype == torch.bfloat16 and torch.isfinite(low_args[0].grad.float()).all()
+# -- input checks ------------------------------------------------------------------------------
 
 
 BAD_INPUTS = {
@@ -202,9 +102,9 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
 def test_wrong_shapes_raise_value_error_naming_the_loss(name):
-    fn = CASES[name][0]
+    fn = get_loss(name).fn
     for args in BAD_INPUTS[name]:
         with pytest.raises(ValueError, match=f"^{name}: "):
             fn(*args)
@@ -291,6 +191,15 @@ def test_tf_kd_at_temperature_one_is_label_smoothing():
     assert tf_kd_loss(s, y, correct_prob=a, temperature=1.0).item() == pytest.approx(expected, rel=1e-5)
 
 
+@FAST
+@given(seed=seeds, batch=st.integers(3, 7))
+def test_tf_kd_is_zero_at_its_virtual_teacher_and_positive_elsewhere(seed, batch):
+    g = _gen(seed)
+    y = _labels(g, batch)
+    assert tf_kd_loss(_virtual_teacher_logits(y), y).item() == pytest.approx(0.0, abs=1e-5)
+    assert tf_kd_loss(_logits(g, batch), y).item() > 1e-4
+
+
 def test_at_depends_on_the_attention_map_only():
     g = _gen(8)
     s, t = torch.randn(3, 4, 6, 6, generator=g), torch.randn(3, 9, 6, 6, generator=g)
@@ -318,8 +227,8 @@ def test_nst_treats_channels_as_an_unordered_set():
 @FAST
 @given(seed=seeds, scale=st.floats(0.01, 100.0))
 def test_feature_and_relation_losses_ignore_the_students_scale(name, seed, scale):
-    fn, make, _ = CASES[name]
-    s, t = make(_gen(seed), 5)
+    fn = get_loss(name).fn
+    s, t = _registered_example(name, seed)
     assert fn(s * scale, t).item() == pytest.approx(fn(s, t).item(), rel=1e-4, abs=1e-6)
 
 
@@ -328,7 +237,7 @@ def test_feature_and_relation_losses_ignore_the_students_scale(name, seed, scale
 @given(seed=seeds, width=st.integers(12, 20))
 def test_relation_losses_zero_for_a_rotated_wider_copy_of_the_teacher(name, seed, width):
     # inner products, angles and distances survive x -> x Q with orthonormal rows Q: [D_t, D_s]
-    fn = CASES[name][0]
+    fn = get_loss(name).fn
     g = _gen(seed)
     t = torch.randn(6, 4, 3, generator=g)
     q, _ = torch.linalg.qr(torch.randn(width, 12, generator=g, dtype=torch.float64))
@@ -360,29 +269,30 @@ def test_relation_losses_accept_duplicate_samples_with_finite_gradients():
 
 # -- registry and objective ------------------------------------------------------------------
 
+# name -> (function, inputs, parameters with the papers' defaults)
 EXPECTED = {
-    "dkd": (("student", "teacher", "labels"), {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}),
-    "dist": (("student", "teacher"), {"beta": 1.0, "gamma": 1.0, "temperature": 1.0, "eps": 1e-8}),
-    "kd_std": (("student", "teacher"), {"temperature": 2.0, "eps": 1e-7}),
-    "tf_kd": (("student", "labels"), {"correct_prob": 0.99, "temperature": 20.0}),
-    "at": (("student", "teacher"), {"p": 2.0}),
-    "nst": (("student", "teacher"), {}),
-    "sp": (("student", "teacher"), {}),
-    "rkd": (("student", "teacher"), {"distance_weight": 25.0, "angle_weight": 50.0, "eps": 1e-12}),
-    "pkt": (("student", "teacher"), {"eps": 1e-7}),
-    "cc": (("student", "teacher"), {"gamma": 0.4, "order": 2}),
+    "dkd": (dkd_loss, ("student", "teacher", "labels"), {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}),
+    "dist": (dist_loss, ("student", "teacher"), {"beta": 1.0, "gamma": 1.0, "temperature": 1.0, "eps": 1e-8}),
+    "kd_std": (kd_std_loss, ("student", "teacher"), {"temperature": 2.0, "eps": 1e-7}),
+    "tf_kd": (tf_kd_loss, ("student", "labels"), {"correct_prob": 0.99, "temperature": 20.0}),
+    "at": (at_loss, ("student", "teacher"), {"p": 2.0}),
+    "nst": (nst_loss, ("student", "teacher"), {}),
+    "sp": (sp_loss, ("student", "teacher"), {}),
+    "rkd": (rkd_loss, ("student", "teacher"), {"distance_weight": 25.0, "angle_weight": 50.0, "eps": 1e-12}),
+    "pkt": (pkt_loss, ("student", "teacher"), {"eps": 1e-7}),
+    "cc": (cc_loss, ("student", "teacher"), {"gamma": 0.4, "order": 2}),
 }
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_registered_with_inputs_params_and_defaults(name):
     import inspect
 
     assert name in LOSSES
     spec = get_loss(name)
-    inputs, defaults = EXPECTED[name]
+    fn, inputs, defaults = EXPECTED[name]
     assert spec.inputs == inputs and not spec.adapts
-    assert spec.fn is CASES[name][0]
+    assert spec.fn is fn
     assert spec.param_names() == list(defaults)
     sig = inspect.signature(spec.fn)
     assert {n: sig.parameters[n].default for n in defaults} == defaults
@@ -405,41 +315,6 @@ class CNN(nn.Module):
 def _image_batch(n=8):
     g = _gen(12)
     return {"input": torch.randn(n, 3, 8, 8, generator=g), "target": _labels(g, n)}
-
-
-TERMS = {
-    "logits": [
-        Term("hard", "ce", weight=1.0),
-        Term("dkd", "dkd", params={"beta": 2.0}),
-        Term("dist", "dist", params={"temperature": 4.0}),
-        Term("kd_std", "kd_std"),
-        Term("tf_kd", "tf_kd", params={"correct_prob": 0.9}),
-    ],
-    "features": [
-        Term("at", "at", student="stem", teacher="block", weight=1000.0),  # 8x8 student, 4x4 teacher
-        Term("at_same", "at", student="block", teacher="block"),
-        Term("nst", "nst", student="block", teacher="block", weight=50.0),
-    ],
-    "relations": [
-        Term("sp", "sp", student="block", teacher="block", weight=3000.0),
-        Term("rkd", "rkd", student="fc:input", teacher="fc:input"),
-        Term("pkt", "pkt", student="fc:input", teacher="fc:input", weight=30000.0),
-        Term("cc", "cc", student="fc:input", teacher="block"),
-    ],
-}
-
-
-@pytest.mark.parametrize("kind", sorted(TERMS))
-def test_dry_run_reports_no_problems_for_a_cnn_pair(kind):
-    torch.manual_seed(0)
-    distiller = Distiller(CNN(2), CNN(4), TERMS[kind])
-    report = distiller.dry_run(_image_batch())
-    assert report.problems == []
-    assert set(report.terms) == {t.name for t in TERMS[kind]}
-    assert all(math.isfinite(v) and v > 0 for v in report.terms.values())
-    out = distiller(_image_batch())
-    out.loss.backward()
-    assert distiller.student.stem[0].weight.grad.abs().sum() > 0
 
 
 def test_objective_turns_a_shape_error_into_a_distill_error():

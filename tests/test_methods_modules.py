@@ -1,7 +1,11 @@
 """Loss modules with trainable parts or state: VID, FSP, ReviewKD, CRD.
 
 Values are checked against formulations written here from the papers' equations (explicit loops,
-manual pooling and batch norm), with the modules' own weights copied in.
+manual pooling and batch norm), with the modules' own weights copied in. Properties every loss
+must have (finite, gradients to the student and to the module's parameters, bf16, batch order) are
+checked for every registered loss in test_loss_contract.py; the end-to-end tests here check what
+the objective does with a module loss (builds it, trains its parameters, restores its state after
+a dry run).
 """
 
 import copy
@@ -357,84 +361,23 @@ def test_crd_errors():
         m(randn(2, 3), randn(2, 5), torch.tensor([0, 1]))
 
 
-# -- properties shared by all four -------------------------------------------------------------
-def make_case(name):
-    """(module, student inputs, teacher inputs, extra inputs) on fixed random tensors."""
+def test_crd_is_invariant_to_permuting_the_batch_with_its_negatives():
+    # the contract cannot permute CRD's batch: its negatives are drawn per row; with the same
+    # negatives per sample, permuted with it, the loss and the bank update are the same
     torch.manual_seed(0)
-    b = 6
-    if name == "vid":
-        s, t = randn(b, 3, 8, 8, seed=1), randn(b, 5, 4, 4, seed=2)
-        return VIDLoss(tuple(s.shape), tuple(t.shape)), s, t, ()
-    if name == "fsp":
-        s = [randn(b, 3, 4, 4, seed=1), randn(b, 2, 4, 4, seed=2)]
-        t = [randn(b, 4, 4, 4, seed=3), randn(b, 5, 4, 4, seed=4)]
-        return FSPLoss(shapes(s), shapes(t)), s, t, ()
-    if name == "reviewkd":
-        s = [randn(b, 3, 8, 8, seed=1), randn(b, 4, 4, 4, seed=2)]
-        t = [randn(b, 5, 8, 8, seed=3), randn(b, 6, 4, 4, seed=4)]
-        return ReviewKDLoss(shapes(s), shapes(t), mid_channels=4), s, t, ()
-    s, t = randn(b, 3, 2, 2, seed=1), randn(b, 7, seed=2)
+    s, t = randn(6, 3, 2, 2, seed=1), randn(6, 7, seed=2)
     m = CRDLoss(tuple(s.shape), tuple(t.shape), feat_dim=8, nce_k=9, num_samples=20)
-    return m, s, t, (torch.tensor([4, 0, 19, 7, 8, 13]),)
-
-
-def as_leaf(x, dtype=None):
-    if isinstance(x, list):
-        return [as_leaf(v, dtype) for v in x]
-    return x.to(dtype or x.dtype).detach().requires_grad_(True)
-
-
-def leaves(x):
-    return x if isinstance(x, list) else [x]
-
-
-METHODS = ["vid", "fsp", "reviewkd", "crd"]
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_finite_and_gradient_reaches_student_and_loss_parameters(name):
-    m, s, t, extra = make_case(name)
-    s = as_leaf(s)
-    loss = m(s, t, *extra)
-    assert loss.dim() == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)
-    if name in ("fsp", "reviewkd"):
-        assert loss.item() >= 0
-    loss.backward()
-    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in leaves(s))
-    params = list(m.named_parameters())
-    assert params
-    for pname, p in params:
-        assert p.grad is not None and p.grad.abs().sum() > 0, pname
-
-
-def permute(x, order):
-    return [v[order] for v in x] if isinstance(x, list) else x[order]
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_invariant_to_permuting_the_batch(name):
-    m, s, t, extra = make_case(name)
+    index = torch.tensor([4, 0, 19, 7, 8, 13])
     order = torch.tensor([3, 5, 0, 1, 4, 2])
     a, b = copy.deepcopy(m), copy.deepcopy(m)
-    if name == "crd":  # same negatives per sample, permuted with it; Z from the batch is order-free
-        index = extra[0]
-        negatives = a.sample_negatives(index)
-        first = a.contrast(s, t, index, negatives)
-        second = b.contrast(s[order], t[order], index[order], negatives[order])
-        assert torch.equal(a.memory_student, b.memory_student)
-    else:
-        first, second = a(s, t), b(permute(s, order), permute(t, order))
+    negatives = a.sample_negatives(index)
+    first = a.contrast(s, t, index, negatives)
+    second = b.contrast(s[order], t[order], index[order], negatives[order])
+    assert torch.equal(a.memory_student, b.memory_student)
     assert second.item() == pytest.approx(first.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_bf16_inputs_give_a_float32_loss(name):
-    m, s, t, extra = make_case(name)
-    half = copy.deepcopy(m)(as_leaf(s, torch.bfloat16), as_leaf(t, torch.bfloat16), *extra)
-    rounded = as_leaf(as_leaf(s, torch.bfloat16), torch.float32)
-    full = copy.deepcopy(m)(rounded, as_leaf(as_leaf(t, torch.bfloat16), torch.float32), *extra)
-    assert half.dtype == torch.float32 and torch.isfinite(half)
-    assert half.item() == pytest.approx(full.item(), rel=1e-5)
+METHODS = ["vid", "fsp", "reviewkd", "crd"]
 
 
 # -- end to end with the Distiller -------------------------------------------------------------

@@ -23,6 +23,8 @@ from distill.models import (
     save_weights,
 )
 
+pytestmark = pytest.mark.fast
+
 torch.set_num_threads(1)
 
 SEQUENCE_MODELS = {"cnn1d"}

@@ -15,6 +15,8 @@ from distill.cli import main
 from distill.errors import DistillError
 from distill.logbook import read_metrics
 
+pytestmark = pytest.mark.fast
+
 
 class Loader:
     """A deterministic in-memory loader of 4-feature samples in 3 classes."""

@@ -5,6 +5,8 @@ from torch import nn
 from distill import Distiller, Term
 from distill.errors import DistillError
 
+pytestmark = pytest.mark.fast
+
 
 class Net(nn.Module):
     def __init__(self, width: int, classes: int = 3):

@@ -14,6 +14,8 @@ from distill.cli import main
 from distill.errors import DistillError
 from distill.quality import OVERRIDE, calibrate, fit_temperature, nll, teacher_gate
 
+pytestmark = pytest.mark.fast
+
 
 def synthetic(temperature: float, n: int = 20000, classes: int = 10, seed: int = 0):
     """Labels drawn from softmax(z); the 'model' reports z * temperature, so dividing its logits by

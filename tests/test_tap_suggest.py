@@ -14,6 +14,8 @@ from distill.cli import main
 from distill.models import create_model
 from distill.tap_suggest import features_for_cka, linear_cka, relative_depths, suggest_taps
 
+pytestmark = pytest.mark.fast
+
 torch.set_num_threads(1)
 
 

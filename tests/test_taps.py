@@ -5,6 +5,8 @@ from torch import nn
 from distill.errors import DistillError
 from distill.taps import Taps
 
+pytestmark = pytest.mark.fast
+
 
 def make_net():
     return nn.Sequential(

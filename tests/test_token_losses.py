@@ -20,7 +20,7 @@ from distill.objective import Distiller, Term, token_mask
 
 torch.set_num_threads(1)
 # float() of a loss value in asserts
-pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
+pytestmark = [pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar"), pytest.mark.fast]
 
 KL_FAMILY = ["token_fkl", "token_rkl", "token_gjsd", "token_skl", "token_srkl"]
 ALL = KL_FAMILY + ["token_tvd"]

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from distill import Distiller, Term, TrainConfig, Trainer
+from distill.callbacks import Callback
 from distill.checkpoints import load_checkpoint, save_checkpoint
 from distill.errors import DistillError
 from distill.schedules import learning_rate
@@ -91,13 +92,59 @@ def test_nan_loss_names_step_and_term():
         Trainer(d, loader, TrainConfig(**CFG)).fit()
 
 
+class Snapshots(Callback):
+    """The model's weights at the end of each epoch."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_epoch_end(self, run, row):
+        self.weights.append({k: v.clone() for k, v in run.unwrapped.state_dict().items()})
+
+
 def test_early_stopping_and_restore_best():
     d = make()
     calls = iter([0.5, 0.7, 0.6, 0.6, 0.6, 0.6])
-    config = TrainConfig(**{**CFG, "epochs": 6}, early_stopping_patience=2)
-    trainer = Trainer(d, TinyLoader(), config, evaluate=lambda m: {"accuracy": next(calls)})
+    config = TrainConfig(**{**CFG, "epochs": 6}, early_stopping_patience=2, restore_best=True)
+    snapshots = Snapshots()
+    trainer = Trainer(d, TinyLoader(), config, evaluate=lambda m: {"accuracy": next(calls)}, callbacks=[snapshots])
     history = trainer.fit()
     assert len(history) == 4 and trainer.stopped_early
+    best = snapshots.weights[1]  # epoch 2 scored 0.7
+    assert all(torch.equal(v, best[k]) for k, v in d.state_dict().items())
+    assert not all(torch.equal(v, snapshots.weights[-1][k]) for k, v in d.state_dict().items())
+
+
+def test_restore_best_is_off_by_default_and_monitor_is_set_per_task():
+    config = TrainConfig(**{**CFG, "epochs": 3})
+    assert config.restore_best is False and config.monitor is None and config.monitored() == "val_accuracy"
+    d = make()
+    snapshots = Snapshots()
+    Trainer(d, TinyLoader(), config, evaluate=lambda m: {"ndcg": 0.5}, callbacks=[snapshots]).fit()
+    assert all(torch.equal(v, snapshots.weights[-1][k]) for k, v in d.state_dict().items())  # the last epoch's
+
+    scores = iter([0.3, 0.1, 0.2])  # a loss-like metric: the second epoch is best
+    config = TrainConfig(**{**CFG, "epochs": 3}, monitor="val_distance", monitor_mode="min", restore_best=True)
+    d, snapshots = make(), Snapshots()
+    Trainer(d, TinyLoader(), config, evaluate=lambda m: {"distance": next(scores)}, callbacks=[snapshots]).fit()
+    assert all(torch.equal(v, snapshots.weights[1][k]) for k, v in d.state_dict().items())
+
+    config = TrainConfig(**CFG, restore_best=True)  # monitors val_accuracy, which this task lacks
+    with pytest.raises(DistillError, match="early stopping monitors 'val_accuracy', which is not among the logged "
+                                           "metrics: epoch, lr, train_hard"):
+        Trainer(make(), TinyLoader(), config, evaluate=lambda m: {"ndcg": 0.5}).fit()
+
+
+def test_one_train_config_type():
+    import distill
+    import distill.trainer
+    from distill.train_config import TrainConfig as Config
+
+    assert distill.TrainConfig is distill.trainer.TrainConfig is Config
+    with pytest.raises(ValueError, match="restore_bset"):
+        TrainConfig(restore_bset=True)  # a typo is an error, as in a recipe
+    with pytest.raises(ValueError):
+        TrainConfig(grad_accum=0)
 
 
 def test_grad_accumulation_and_bf16_run():
@@ -132,3 +179,84 @@ def test_checkpoint_refuses_pickled_code(tmp_path):
     save_checkpoint({"a": torch.ones(2)}, tmp_path / "ok.pt")
     assert torch.equal(load_checkpoint(tmp_path / "ok.pt")["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# ------------------------------------------------------------------------------ accelerate compatibility
+# What distill.accelerate_compat relies on from accelerate beyond its documented API: if one of
+# these fails after an accelerate upgrade, that function (and the trainer's use of it) needs a look.
+def test_accelerate_refuses_other_precision_until_reset_precision_state():
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+
+    from distill.accelerate_compat import reset_precision_state
+
+    assert callable(getattr(AcceleratorState, "_reset_state", None))
+    reset_precision_state()
+    Accelerator(mixed_precision="no", cpu=True)
+    device = PartialState().device
+    with pytest.raises(ValueError):  # what make_accelerator catches
+        Accelerator(mixed_precision="bf16", cpu=True)
+    reset_precision_state()
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    assert accelerator.mixed_precision == "bf16" and PartialState().device == device  # the process state is kept
+    reset_precision_state()
+
+
+def _prepared(accum=1):
+    from accelerate import Accelerator
+
+    from distill.trainer import make_accelerator
+
+    accelerator = make_accelerator(TrainConfig(grad_accum=accum, cpu=True))
+    assert isinstance(accelerator, Accelerator)
+    torch.manual_seed(0)
+    return accelerator, accelerator.prepare(nn.Linear(3, 2))
+
+
+def test_accelerated_optimizer_steps_only_at_the_end_of_a_window():
+    from distill.accelerate_compat import end_window
+
+    accelerator, model = _prepared(accum=2)
+    optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = model.weight.detach().clone()
+    model(torch.ones(4, 3)).sum().backward()
+    end_window(accelerator, False)
+    assert accelerator.sync_gradients is False
+    optimizer.step()
+    optimizer.zero_grad()
+    assert torch.equal(model.weight, before) and model.weight.grad is not None  # skipped, gradients kept
+    end_window(accelerator, True)
+    assert accelerator.sync_gradients is True
+    optimizer.step()
+    optimizer.zero_grad()
+    assert not torch.equal(model.weight, before) and model.weight.grad is None
+
+
+def test_plain_optimizer_is_the_wrapped_one_and_steps_alike():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from distill.accelerate_compat import end_window, plain_optimizer
+
+    accelerator, model = _prepared()
+    end_window(accelerator, True)
+    weights = []
+    for direct in (False, True):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(0.5)
+        optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        inner = plain_optimizer(accelerator, optimizer)
+        assert inner is optimizer.optimizer and isinstance(inner, torch.optim.SGD)
+        stepper = inner if direct else optimizer
+        for _ in range(2):
+            model(torch.ones(4, 3)).pow(2).sum().backward()
+            stepper.step()
+            stepper.zero_grad(set_to_none=True)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights)) and not torch.equal(weights[0][0], torch.full((2, 3), 0.5))
+    scaled = SimpleNamespace(scaler=object(), distributed_type=DistributedType.NO)  # fp16 loss scaling
+    assert plain_optimizer(scaled, optimizer) is None
+    deepspeed = SimpleNamespace(scaler=None, distributed_type=DistributedType.DEEPSPEED)
+    assert plain_optimizer(deepspeed, optimizer) is None

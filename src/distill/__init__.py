@@ -1,33 +1,38 @@
 """distill: knowledge distillation for PyTorch.
 
     from distill import Distiller, Term, Trainer, TrainConfig
+
+Names are imported on first use (PEP 562), so ``import distill`` and ``distill --help`` do not load
+torch and accelerate until something needs them.
 """
 
-from distill.ensemble import TeacherEnsemble
-from distill.errors import DistillError
-from distill.mutual import MutualLearner
-from distill.objective import Distiller, DistillOutput, Term
-from distill.signals import LiveTeacher, TeacherSignal
-from distill.taps import Taps
-from distill.trainer import TrainConfig, Trainer
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-__all__ = [
-    "Distiller", "DistillOutput", "Term", "Taps", "LiveTeacher", "TeacherSignal", "Trainer",
-    "TrainConfig", "TeacherEnsemble", "MutualLearner", "DistillError", "load_recipe", "run_recipe", "__version__",
-]
+from distill.version import __version__
 
+# public name -> the module that defines it
+_EXPORTS = {
+    "Distiller": "distill.objective", "DistillOutput": "distill.objective", "Term": "distill.objective",
+    "Taps": "distill.taps", "LiveTeacher": "distill.signals", "TeacherSignal": "distill.signals",
+    "Trainer": "distill.trainer", "TrainConfig": "distill.train_config", "TeacherEnsemble": "distill.ensemble",
+    "MutualLearner": "distill.mutual", "DistillError": "distill.errors",
+    "load_recipe": "distill.recipes", "run_recipe": "distill.pipeline",
+}
 
-def load_recipe(source, overrides=()):
-    """Load and validate a recipe (path, preset name or mapping); see :mod:`distill.recipes`."""
-    from distill.recipes import load_recipe as _load
-
-    return _load(source, overrides)
+__all__ = [*_EXPORTS, "__version__"]
 
 
-def run_recipe(recipe, run_dir, **kwargs):
-    """Run a recipe end to end in ``run_dir``; see :mod:`distill.pipeline`."""
-    from distill.pipeline import run_recipe as _run
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'distill' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
 
-    return _run(recipe, run_dir, **kwargs)
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

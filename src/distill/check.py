@@ -1,16 +1,17 @@
-"""One-batch dry run of a recipe: every tap's shape, the adapters it adds, each term's value."""
+"""One-batch dry run of a recipe: every tap's shape, the adapters it adds, each term's value.
+
+The stages are built by :func:`distill.stage.build_stage`, as ``distill run`` builds them: the
+same terms, batch transforms (the task's too, e.g. on-policy generation) and schedule.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from distill.batch_transforms import compose
-from distill.objective import Distiller, DryRunReport
-from distill.pipeline import stage_transform, terms_from
+from distill.objective import DryRunReport
 from distill.recipes.schema import Recipe
+from distill.stage import build_stage, check_runnable, check_signal, live_signal
 
 
 @dataclass
@@ -23,7 +24,8 @@ class CheckReport:
 
 
 def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> CheckReport:
-    """Build data, teacher and student of ``recipe`` and dry-run the baseline and distill stages.
+    """Build data, teacher and student of ``recipe`` and dry-run the baseline and distill stages
+    (and each assistant's). Refuses what ``distill run`` would refuse before any work.
 
     The teacher is untrained unless the recipe gives its weights: shapes and gradients are what is
     checked, not accuracy.
@@ -31,6 +33,7 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> CheckRep
     from distill.tasks.base import get_task
 
     task = get_task(recipe.task)
+    check_runnable(recipe, task)
     prepared = task.prepare(recipe, data_dir)
     seed = recipe.seeds[0]
     teacher = task.build_model(recipe.teacher, prepared, seed)
@@ -45,30 +48,21 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> CheckRep
         teacher = TeacherEnsemble([teacher, *members], recipe.teacher.ensemble.weights, recipe.teacher.ensemble.combine)
     task.check_models(teacher, task.build_model(recipe.student, prepared, seed), prepared)
     report = CheckReport()
+    signal = check_signal(recipe, task, teacher, prepared)
     stages = [("baseline", recipe.student, recipe.baseline, None)]
     for i, spec in enumerate(recipe.assistants):  # each assistant is distilled from the model before it
-        stages.append((f"assistant{i + 1}", spec, recipe.distill, teacher))
-        teacher = task.build_model(spec, prepared, seed)
-    stages.append(("distill", recipe.student, recipe.distill, teacher))
+        stages.append((f"assistant{i + 1}", spec, recipe.distill, signal))
+        signal = live_signal(recipe, task, task.build_model(spec, prepared, seed))
+    stages.append(("distill", recipe.student, recipe.distill, None if recipe.distill.peers > 1 else signal))
     for name, model_spec, stage, teacher_arg in stages:
         if not stage.enabled:
             continue
         student = task.build_model(model_spec, prepared, seed)
+        peers = None
         if name == "distill" and stage.peers > 1:
-            from distill.mutual import MutualLearner
-
             peers = [task.build_model(recipe.student, prepared, seed + k) for k in range(1, stage.peers)]
-            distiller = MutualLearner([student, *peers], terms_from(stage), feed=task.feed,
-                                      num_samples=len(prepared.train))
-        else:
-            distiller = Distiller(student, teacher_arg, terms_from(stage), feed=task.feed,
-                                  num_samples=len(prepared.train))
-        spec = stage.train or recipe.train
-        batch = next(iter(task.train_loader(recipe, prepared, spec.batch_size, seed)))
-        transform = compose(stage_transform(recipe, stage),
-                            task.batch_transform(recipe, prepared, student, teacher_arg))
-        if transform is not None:
-            batch = transform(batch, torch.Generator().manual_seed(0))
-        result = distiller.dry_run(batch)
-        report.stages[name] = result
+        schedule = model_spec.train if name.startswith("assistant") and model_spec.train is not None else None
+        built = build_stage(recipe, task, prepared, name=name, student=student, teacher=teacher_arg, spec=stage,
+                            seed=seed, peers=peers, schedule=schedule)
+        report.stages[name] = built.dry_run()
     return report

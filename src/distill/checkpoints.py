@@ -21,8 +21,11 @@ as a power cut or the OOM killer would, at one chosen place:
 - ``cache-write:N``: after the N-th batch written into a teacher cache being built;
 - ``cache-install:N``: during the N-th replacement of an existing teacher cache, between moving
   the old one aside and moving the new one in;
-- ``epoch-step:[NAME:]E:S``: after the optimizer step of step S of epoch E (both 1-based) of the
-  trainer called NAME (any trainer when NAME is left out).
+- ``epoch-step:[NAME:]E:S``: after step S of epoch E (both 1-based) of the trainer called NAME
+  (any trainer when NAME is left out). The training loop carries no fault point: this one fires
+  only in processes whose trainers have the test suite's fault callback, which
+  ``tests/fault_injection.py`` (``distill``'s command line with that callback added to every fit)
+  installs; elsewhere it has no effect.
 
 The variable is read once per process; when unset, a fault point costs one comparison.
 """

@@ -57,14 +57,36 @@ def _load(args) -> "Recipe":  # noqa: F821
     from distill.recipes import load_recipe
 
     overrides = list(args.set or [])
+    if getattr(args, "pilot", False):
+        overrides.append("pilot.enabled=true")
+    if getattr(args, "retrain_teacher", False):
+        overrides.append("teacher.weights=null")
     if getattr(args, "seeds", None):
         overrides.append(f"seeds=[{args.seeds}]")
     return load_recipe(args.recipe, overrides)
 
 
+def _check_out_dir(out: str | None, *, run: bool = False) -> None:
+    """Refuse an ``--out`` folder path that is (or lies under) an existing file, before any work."""
+    if not out:
+        return
+    path = Path(out).expanduser()
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                what = f"--out {path}: {place}" if place != path else f"--out {path}"
+                again = ", or an existing run directory with --resume or --overwrite" if run else ""
+                raise DistillError(
+                    f"{what} is a file, not a directory; --out names the folder to write into: give a new "
+                    f"folder's path{again}"
+                )
+            return
+
+
 def _run(args, recipe_source: str | None = None) -> int:
     from distill.pipeline import run_recipe
 
+    _check_out_dir(args.out, run=True)
     console = _console()
     if recipe_source is not None:
         args.recipe = recipe_source
@@ -75,7 +97,7 @@ def _run(args, recipe_source: str | None = None) -> int:
     started = time.perf_counter()
     results = run_recipe(
         recipe, out, data_dir=args.data_dir, resume=getattr(args, "resume", False),
-        overwrite=args.overwrite, progress=not args.quiet, console=console,
+        overwrite=args.overwrite, progress=not args.quiet, console=console, source=str(args.recipe),
     )
     _print_results(console, results)
     console.print(f"run directory: {out}  ({time.perf_counter() - started:.0f} s); see {out / 'report.md'}")
@@ -210,6 +232,8 @@ def cmd_export(args) -> int:
         if q.accuracy_fp32 is not None:
             console.print(f"test accuracy ({q.test_samples} samples): fp32 {100 * q.accuracy_fp32:.2f}%, "
                           f"int8 {100 * q.accuracy_int8:.2f}% ({0.0 - 100 * q.accuracy_drop:+.2f} points)", markup=False)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)
     if args.json:
         from distill.checkpoints import atomic_write
 
@@ -219,8 +243,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from distill.pipeline import build_model, make_cache, prepare_data
+    from distill.stage import check_runnable, make_cache
+    from distill.tasks.base import get_task
 
+    _check_out_dir(args.out)
     console = _console()
     recipe = _load(args)
     if recipe.teacher.weights is None:
@@ -228,10 +254,12 @@ def cmd_cache(args) -> int:
             "distill cache needs a trained teacher: set teacher.weights (for example "
             "--set teacher.weights=runs/NAME/teacher.safetensors from a finished run)"
         )
+    task = get_task(recipe.task)
+    check_runnable(recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"cache": "auto"})}), task)
     started = time.perf_counter()
-    prepared = prepare_data(recipe, args.data_dir)
-    teacher = build_model(recipe.teacher, prepared.data, recipe.seeds[0])
-    path = make_cache(recipe, teacher, prepared, args.out)
+    prepared = task.prepare(recipe, args.data_dir)
+    teacher = task.build_model(recipe.teacher, prepared, recipe.seeds[0])
+    path = make_cache(recipe, task, teacher, prepared, args.out)
     size = sum(f.stat().st_size for f in Path(path).iterdir())
     console.print(
         f"teacher cache: {path} ({len(prepared.train)} samples x {recipe.data.views or 1} view(s), "
@@ -262,8 +290,12 @@ def cmd_list(args) -> int:
     console = _console()
     tasks = all_tasks()  # importing the tasks registers their own data sets
     described = [f"{name} ({', '.join(task.data_names)})" if task.data_names else name for name, task in tasks.items()]
+    from distill.models.weights import shipped_teachers
+
+    teachers = [f"shipped:{name} ({m['model']}, {100 * next(v for k, v in m.items() if k.startswith('test_')):.2f}% on "
+                f"{m['data']['name']})" for name, m in shipped_teachers().items()]
     for title, names in (("tasks", described), ("models", MODELS.names()), ("losses", LOSSES.names()),
-                         ("data sets", DATASETS.names()), ("presets", preset_names())):
+                         ("data sets", DATASETS.names()), ("presets", preset_names()), ("teachers", teachers)):
         console.print(f"[bold]{title}[/bold]: {', '.join(names)}")
     return 0
 
@@ -273,6 +305,7 @@ def cmd_sweep(args) -> int:
 
     from distill.sweep import read_space, run_sweep, short_names
 
+    _check_out_dir(args.out)
     console = _console()
     recipe = _load(args)
     space = read_space(args.space, args.param or [])
@@ -338,6 +371,7 @@ def cmd_ladder(args) -> int:
 
     from distill.ladder import parse_student, run_ladder
 
+    _check_out_dir(args.out)
     console = _console()
     recipe = _load(args)
     students = [parse_student(s) for s in args.students] if args.students else None
@@ -380,14 +414,21 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _version() -> str:
+    from distill.version import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distill", description="Knowledge distillation for PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"distill {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def recipe_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a recipe field, e.g. --set distill.train.epochs=5 (repeatable)")
+                       help="override a recipe field, e.g. --set train.epochs=5 (repeatable)")
         p.add_argument("--data-dir", default=None, help="where data sets are stored (default: $DISTILL_DATA)")
 
     def run_options(p: argparse.ArgumentParser) -> None:
@@ -396,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
         p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--retrain-teacher", action="store_true",
+                       help="train the teacher with teacher.train instead of loading teacher.weights "
+                            "(e.g. a preset's shipped teacher)")
+        p.add_argument("--pilot", action="store_true",
+                       help="first choose temperature and term weights on a validation split carved from the "
+                            "training data (a quarter of the run's budget; see the recipe's pilot: section)")
 
     p = sub.add_parser("demo", help="the whole pipeline on offline data (under 2 minutes)")
     run_options(p)
@@ -497,11 +544,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NewFolders:
+    """The data directory's folders before a command, so that a failed one can remove the empty folders
+    it made (a download that never arrived leaves ``DATA_DIR/<data set>/`` behind otherwise)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        missing = [p for p in (root, *root.parents) if not p.exists()]
+        self.top = missing[-1] if missing else None  # the highest folder this command may create
+        self.before = {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+    def remove_empty(self) -> None:
+        """Remove the folders made since, directly in the data directory or above it, that are empty."""
+        try:
+            if self.root.is_dir():
+                for child in self.root.iterdir():
+                    if child.name not in self.before and child.is_dir() and not child.is_symlink():
+                        _rmdir(child)
+            place = self.root
+            while self.top is not None and _rmdir(place) and place != self.top:
+                place = place.parent
+        except OSError:
+            pass
+
+
+def _rmdir(path: Path) -> bool:
+    try:
+        path.rmdir()  # only an empty folder
+        return True
+    except OSError:
+        return False
+
+
+def _data_folders(args) -> _NewFolders | None:
+    if not hasattr(args, "data_dir"):
+        return None
+    try:
+        if args.data_dir:
+            return _NewFolders(Path(args.data_dir).expanduser())
+        from distill.data.registry import default_data_dir
+
+        return _NewFolders(default_data_dir())
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    folders = _data_folders(args)
+    code = 1
     try:
-        return args.func(args)
+        code = args.func(args)
+        return code
     except DistillError as exc:
         if args.debug:
             raise
@@ -510,6 +605,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if code != 0 and folders is not None:
+            folders.remove_empty()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,18 +24,34 @@ Quantisation changes the logits by design, so the tolerance applies to the file 
 it serialises (the int8 eager model for TorchScript; for ONNX the fp32 graph is checked before it
 is quantised), and the effect of quantisation is reported separately: logit difference and
 agreement with the fp32 model, and test accuracy in fp32 and int8 when labelled data is at hand
-(``max_accuracy_drop`` turns the accuracy drop into a failure).
+(``max_accuracy_drop`` turns the accuracy drop into a failure). Dynamic int8 does not cover
+convolutions (nor embeddings): the result's ``notes`` say which layers stay fp32 and what share of
+the parameters they hold.
+
+Every exported file records what a deployer needs under the key ``distill`` as one JSON object
+(:func:`read_metadata` reads it back from any format): ``distill_version``, ``format``,
+``quantize``, ``input_shape`` (one sample, no batch axis), ``input_name``/``output_name`` (the
+ONNX graph's), and from a run directory also ``task``, ``recipe`` (its name), ``recipe_sha256``
+(of the run's ``recipe.yaml``), ``student_model``, ``seed`` (whose student), ``num_classes`` and,
+when the data has them, ``normalization`` (``mean``, ``std``, how they are applied) and
+``class_names``. ONNX: ``metadata_props`` (``onnxruntime``: ``session.get_modelmeta()
+.custom_metadata_map["distill"]``); safetensors: the header's ``__metadata__``
+(``safe_open(path, "pt").metadata()["distill"]``); TorchScript: the extra file ``distill.json``
+(``torch.jit.load(path, _extra_files={"distill.json": ""})``).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
+import json
 import logging
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +163,56 @@ def safetensors_bytes(model: nn.Module) -> bytes:
     return save(tensors)
 
 
+METADATA_KEY = "distill"
+TORCHSCRIPT_METADATA = "distill.json"
+
+
+def with_metadata(fmt: str, data: bytes, metadata: dict[str, Any]) -> bytes:
+    """``data`` (a serialised model in ``fmt``) with ``metadata`` recorded under ``distill`` as
+    JSON: ONNX ``metadata_props``, the safetensors header's metadata, a TorchScript extra file."""
+    text = json.dumps(metadata, sort_keys=True, default=str)
+    if fmt == "onnx":
+        onnx, _ = require_onnx()
+        proto = onnx.load_from_string(data)
+        kept = [p for p in proto.metadata_props if p.key != METADATA_KEY]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(kept)
+        proto.metadata_props.add(key=METADATA_KEY, value=text)
+        return proto.SerializeToString()
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            buffer = io.BytesIO()
+            torch.jit.save(module, buffer, _extra_files={TORCHSCRIPT_METADATA: text})
+        return buffer.getvalue()
+    from safetensors.torch import load, save
+
+    return save(load(data), metadata={"format": "pt", METADATA_KEY: text})
+
+
+def read_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The ``distill`` metadata of an exported file (format from the suffix: ``.onnx``, ``.pt``,
+    ``.safetensors``), or ``None`` when it has none."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        onnx, _ = require_onnx()
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        text = props.get(METADATA_KEY)
+    elif path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(METADATA_KEY)
+    else:
+        extra = {TORCHSCRIPT_METADATA: ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        text = extra[TORCHSCRIPT_METADATA] or None
+    return json.loads(text) if text else None
+
+
 def _serialise(model: nn.Module, fmt: str, example: torch.Tensor) -> bytes:
     if fmt == "onnx":
         return onnx_bytes(model, example)
@@ -235,14 +301,52 @@ class ExportResult:
     size_bytes: int
     parity: Parity
     quantization: QuantizationEffect | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # what the file records (see the module)
+    notes: list[str] = field(default_factory=list)  # what a user should know, e.g. layers left in fp32
 
     def to_dict(self) -> dict[str, Any]:
         out = {"path": str(self.path), "format": self.format, "quantize": self.quantize,
                "size_bytes": self.size_bytes,
-               "parity": {**asdict(self.parity), "allowed": self.parity.allowed, "passed": self.parity.passed}}
+               "parity": {**asdict(self.parity), "allowed": self.parity.allowed, "passed": self.parity.passed},
+               "metadata": self.metadata, "notes": list(self.notes)}
         if self.quantization is not None:
             out["quantization"] = {**asdict(self.quantization), "accuracy_drop": self.quantization.accuracy_drop}
         return out
+
+
+def _share(count: int, total: int) -> str:
+    pct = 100 * count / max(total, 1)
+    if 0 < pct < 1:
+        return "<1%"
+    return ">99%" if 99 < pct < 100 else f"{pct:.0f}%"
+
+
+def int8_coverage_notes(model: nn.Module, fmt: str) -> list[str]:
+    """What dynamic int8 leaves in fp32: it quantises ``nn.Linear`` (ONNX: ``MatMul``/``Gemm``)
+    only, so convolutions and embeddings keep their fp32 weights."""
+    unique = {id(p): p.numel() for p in model.parameters()}
+    total = sum(unique.values())
+
+    def owned(modules: list[nn.Module]) -> int:
+        ids = {id(p) for m in modules for p in m.parameters(recurse=False)}
+        return sum(unique.get(i, 0) for i in ids)
+
+    notes = []
+    for kind, types in (("conv", (nn.modules.conv._ConvNd,)), ("embedding", (nn.Embedding, nn.EmbeddingBag))):
+        found = [m for m in model.modules() if isinstance(m, types)]
+        if found:
+            layers = f"{len(found)} of {len(found)} {kind} layer{'s' if len(found) != 1 else ''}"
+            notes.append(f"int8 dynamic quantisation covers nn.Linear only: {layers} stay fp32 "
+                         f"({_share(owned(found), total)} of parameters)")
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linear:
+        where = " (ONNX: MatMul/Gemm)" if fmt == "onnx" else ""
+        notes.append(f"quantised to int8: {len(linear)} nn.Linear layer{'s' if len(linear) != 1 else ''}{where} "
+                     f"({_share(owned(linear), total)} of parameters)")
+    else:
+        notes.append("int8 dynamic quantisation covers nn.Linear only and this model has none: "
+                     "the int8 file keeps every weight in fp32")
+    return notes
 
 
 def compare_logits(a: Runner, b: Runner, inputs: Sequence[torch.Tensor]) -> tuple[float, float, int, float]:
@@ -298,12 +402,14 @@ def export_model(
     rebuild: Callable[[], nn.Module] | None = None,
     test_batches: Iterable[dict] | None = None,
     max_accuracy_drop: float | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Export ``model`` to ``path`` in ``fmt`` after the parity check on ``inputs`` (a list of
     input batches ``[b, ...]``; see the module). ``rebuild`` makes a fresh model to load exported
     safetensors into (default: a copy of ``model``). ``test_batches`` (``{"input", "target"}``
-    dicts) measure fp32 and int8 accuracy when quantising. Raises :class:`DistillError` when the
-    check fails; nothing is written then."""
+    dicts) measure fp32 and int8 accuracy when quantising. ``metadata`` is recorded in the file
+    next to the version, format, quantisation and the input shape (that of ``inputs``). Raises
+    :class:`DistillError` when the check fails; nothing is written then."""
     if fmt not in FORMATS:
         raise DistillError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if quantize is not None and quantize not in QUANTIZE:
@@ -320,20 +426,23 @@ def export_model(
     example = inputs[0]
     fp32 = _eager(model)
     rebuild = rebuild or (lambda: copy.deepcopy(model))
+    meta = {"distill_version": _version(), "format": fmt, "quantize": quantize,
+            "input_shape": list(example.shape[1:]), "input_name": "input", "output_name": "logits",
+            **(metadata or {})}
 
     effect_runner = None
     if quantize and fmt == "torchscript":
         reference_model = torch_quantize_int8(model)
         reference, label = _eager(reference_model), "int8 eager model (torch quantize_dynamic)"
-        data = _serialise(reference_model, fmt, example)
+        data = with_metadata(fmt, _serialise(reference_model, fmt, example), meta)
         loaded = effect_runner = load_exported(fmt, data)
     else:
         reference, label = fp32, "fp32 eager model"
-        data = _serialise(model, fmt, example)
+        data = with_metadata(fmt, _serialise(model, fmt, example), meta)
         loaded = load_exported(fmt, data, rebuild)
         if quantize:  # onnx: the fp32 graph is checked, then quantised
             label = "fp32 eager model (the ONNX graph before int8 quantisation)"
-            data = onnx_quantize_int8(data)
+            data = with_metadata(fmt, onnx_quantize_int8(data), meta)
             effect_runner = load_exported(fmt, data)
 
     worst, agree, count, scale = compare_logits(loaded, reference, inputs)
@@ -364,8 +473,65 @@ def export_model(
                     f"{100 * max_accuracy_drop:.2f}; nothing was written. Export fp32, or quantise fewer layers"
                 )
     written = atomic_write(Path(path).expanduser(), lambda f: f.write(data))
+    notes = int8_coverage_notes(model, fmt) if quantize else []
     return ExportResult(path=written, format=fmt, quantize=quantize, size_bytes=len(data), parity=parity,
-                        quantization=effect)
+                        quantization=effect, metadata=meta, notes=notes)
+
+
+def _version() -> str:
+    from distill.version import __version__
+
+    return __version__
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_metadata(run) -> dict[str, Any]:
+    """What a deployer needs to know about the student of a
+    :class:`~distill.finished_run.FinishedRun` (see the module); fields the task's data lacks
+    (normalisation, class names) are left out."""
+    recipe = run.recipe
+    meta: dict[str, Any] = {"task": recipe.task, "recipe": recipe.name,
+                            "recipe_sha256": _sha256(run.path / "recipe.yaml"),
+                            "student_model": recipe.student.model}
+    if recipe.student.kwargs:
+        meta["student_kwargs"] = dict(recipe.student.kwargs)
+    weights = run.student_weights()
+    seed = _seed_of(run, weights)
+    if seed is not None:
+        meta["seed"] = seed
+    data = getattr(run.prepared, "data", None)
+    if getattr(data, "num_classes", None) is not None:
+        meta["num_classes"] = int(data.num_classes)
+    mean, std = getattr(data, "mean", None), getattr(data, "std", None)
+    if mean is not None and std is not None:
+        train = getattr(data, "train", None)
+        raw = getattr(train, "inputs", getattr(train, "images", None))
+        scaled = raw is not None and raw.dtype == torch.uint8
+        meta["normalization"] = {
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+            "applied": ("x / 255 (uint8 pixels to [0, 1]), then " if scaled else "")
+            + "(x - mean) / std per channel (axis 1 of [batch, C, ...])",
+        }
+    names = getattr(data, "class_names", None)
+    if names is not None:
+        meta["class_names"] = [str(n) for n in names]
+    return meta
+
+
+def _seed_of(run, weights: Path) -> int | None:
+    """Whose student ``weights`` is: the seed of the stage it is (or is a copy of)."""
+    staged = re.fullmatch(r"student-seed(-?\d+)", weights.parent.name)
+    if staged:
+        return int(staged.group(1))
+    digest = _sha256(weights)
+    for seed in run.recipe.seeds:
+        stage = run.path / "stages" / f"student-seed{seed}" / "student.safetensors"
+        if stage.is_file() and _sha256(stage) == digest:
+            return int(seed)
+    return None
 
 
 def default_path(base: Path, name: str, fmt: str, quantize: str | None) -> Path:
@@ -393,21 +559,21 @@ def export_source(
         raise DistillError("--samples must be at least 1")
     if isinstance(source, FinishedRun):
         model, rebuild = source.student(), source.fresh_student
-        test_loader = source.prepared.test_loader
-        taken, count = [], 0
-        for batch in test_loader:
-            taken.append(batch["input"][: samples - count])
-            count += len(taken[-1])
-            if count >= samples:
-                break
-        x = torch.cat(taken)
+        x = source.example_inputs(samples)
+        if x is None:
+            x = random_inputs(model, source.input_shape, samples, seed)
         path = Path(out) if out else default_path(source.path / "export", "student", fmt, quantize)
-        test_batches = test_loader if quantize else None
+        test_batches = source.labelled_test_batches() if quantize else None
+        metadata = run_metadata(source)
     else:
         model = source.build()
         rebuild = lambda: type(source)(source.name, source.input_shape, source.num_classes, None, source.kwargs).build()  # noqa: E731
         x = random_inputs(model, source.input_shape, samples, seed)
         path = Path(out) if out else default_path(Path("."), source.name.replace(":", "_"), fmt, quantize)
         test_batches = None
+        metadata = {"model": source.name, "num_classes": source.num_classes}
+        if source.kwargs:
+            metadata["model_kwargs"] = dict(source.kwargs)
     return export_model(model, path, fmt, parity_inputs(x), quantize=quantize, tolerance=tolerance,
-                        rebuild=rebuild, test_batches=test_batches, max_accuracy_drop=max_accuracy_drop)
+                        rebuild=rebuild, test_batches=test_batches, max_accuracy_drop=max_accuracy_drop,
+                        metadata=metadata)

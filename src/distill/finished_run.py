@@ -51,11 +51,35 @@ class FinishedRun:
         self.data_dir = data_dir
 
     @cached_property
-    def prepared(self):
-        """The run's data and loaders (:class:`distill.pipeline.Prepared`), loaded once."""
-        from distill.pipeline import prepare_data
+    def task(self):
+        """The run's task (``recipe.task``): how its data is loaded and its models are built."""
+        from distill.tasks.base import get_task
 
-        return prepare_data(self.recipe, self.data_dir)
+        return get_task(self.recipe.task)
+
+    @cached_property
+    def prepared(self):
+        """The run's data and loaders, as its task prepares them, loaded once."""
+        return self.task.prepare(self.recipe, self.data_dir)
+
+    @cached_property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's input shape (the task's latency input without its batch dimension)."""
+        example = self.task.latency_input(self.prepared)
+        if example is None or not hasattr(example, "shape"):
+            raise DistillError(
+                f"task '{self.task.name}' gives no single-tensor model input, so its students cannot be "
+                "profiled or exported from a run directory yet"
+            )
+        return tuple(example.shape[1:])
+
+    def example_inputs(self, n: int):
+        """``n`` real inputs to check an export on (``None``: the task has none; use random ones)."""
+        return self.task.example_inputs(self.prepared, n)
+
+    def labelled_test_batches(self):
+        """``{"input", "target"}`` test batches for top-1 accuracy, or ``None`` outside classification."""
+        return self.task.labelled_test_batches(self.prepared)
 
     def teacher_weights(self) -> Path:
         trained = self.path / "teacher.safetensors"
@@ -63,6 +87,10 @@ class FinishedRun:
             return trained
         given = self.recipe.teacher.weights
         if given is not None:
+            from distill.models.weights import SHIPPED, resolve_weights
+
+            if given.startswith(SHIPPED):
+                return resolve_weights(given)
             for candidate in (Path(given).expanduser(), self.path / given):
                 if candidate.is_file():
                     return candidate
@@ -84,12 +112,9 @@ class FinishedRun:
             f"Continue it with `distill run RECIPE --out {self.path} --resume`"
         )
 
-    def _build(self, spec, weights: Path) -> nn.Module:
-        from distill.models import create_model
-
-        data = self.prepared.data
-        kwargs = dict(spec.kwargs)
-        return create_model(spec.model, data.num_classes, data.input_shape, weights=weights, **kwargs)
+    def _build(self, spec, weights: Path | None) -> nn.Module:
+        spec = spec.model_copy(update={"weights": str(weights) if weights is not None else None})
+        return self.task.build_model(spec, self.prepared, 0)
 
     def teacher(self) -> nn.Module:
         return self._build(self.recipe.teacher, self.teacher_weights()).eval()
@@ -100,11 +125,7 @@ class FinishedRun:
 
     def fresh_student(self) -> nn.Module:
         """An untrained student of the same architecture (to load an exported weights file into)."""
-        from distill.models import create_model
-
-        data = self.prepared.data
-        return create_model(self.recipe.student.model, data.num_classes, data.input_shape,
-                            **dict(self.recipe.student.kwargs)).eval()
+        return self._build(self.recipe.student, None).eval()
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -310,6 +310,13 @@ class Distiller(nn.Module):
         out = self(batch)
         problems = []
         values = {}
+        for term in self.terms:  # a weight of 0 trains nothing; a negative one trains away from the target
+            if term.weight == 0:
+                problems.append(f"term '{term.name}' has weight 0: it does not train the student; remove it "
+                                "or give it a weight > 0")
+            elif term.weight < 0:
+                problems.append(f"term '{term.name}' has weight {term.weight:g}: a negative weight pushes the "
+                                "student away from its target; use a weight > 0")
         for term in self.terms:
             value = out.terms[term.name]
             values[term.name] = float(value.detach())

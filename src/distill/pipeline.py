@@ -10,26 +10,21 @@ import json
 import os
 import shutil
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from distill.batch_transforms import compose, mixup_transform, shift_transform
 from distill.checkpoints import atomic_write
-from distill.data import BatchLoader, DataSplits, load_dataset, split_validation
-from distill.data.splits import training_subset
 from distill.errors import DistillError
 from distill.measure import count_parameters, size_bytes
-from distill.models import create_model, load_weights, save_weights
-from distill.objective import Distiller, Term
+from distill.models import load_weights, save_weights
 from distill.recipes.loader import recipe_to_yaml
-from distill.recipes.schema import ModelSpec, Recipe, StageSpec, TrainSpec
-from distill.signals import LiveTeacher, default_feed
-from distill.tasks.classification import classification_metrics, predict
-from distill.trainer import TrainConfig, Trainer, distributed_state
+from distill.recipes.schema import ModelSpec, Recipe, StageSpec
+from distill.stage import build_stage, check_runnable, live_signal, make_cache, open_cache, stage_schedule
+from distill.train_config import TrainConfig
+from distill.trainer import distributed_state
 
 
 def free_cores() -> int:
@@ -40,126 +35,24 @@ def free_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def train_config(spec: TrainSpec, seed: int, progress: bool) -> TrainConfig:
-    fields = spec.model_dump(exclude={"batch_size"})
-    return TrainConfig(**fields, seed=seed, progress=progress)
-
-
-def terms_from(stage: StageSpec) -> list[Term]:
-    return [
-        Term(name=t.name, loss=t.loss, weight=t.weight, student=t.student, teacher=t.teacher,
-             params=dict(t.params), adapter=t.adapter, warmup_epochs=t.warmup_epochs)
-        for t in stage.terms
-    ]
-
-
 def write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=False).encode()
     atomic_write(path, lambda f: f.write(text))
 
 
-@dataclass
-class Prepared:
-    """Data and loaders of a run, built once and shared by every stage."""
-
-    data: DataSplits
-    train: Any
-    val: Any | None
-    test_loader: BatchLoader
-    val_loader: BatchLoader | None
+def teacher_training(spec) -> TrainConfig | None:
+    """How a teacher (or ensemble member) is trained by the run: ``train``, unless ``weights`` are
+    given without ``finetune`` (then it is loaded as it is)."""
+    if spec.weights is not None and not getattr(spec, "finetune", False):
+        return None
+    return spec.train
 
 
-def prepare_data(recipe: Recipe, data_dir: str | Path | None) -> Prepared:
-    spec = recipe.data
-    data = load_dataset(spec.name, data_dir, **spec.options)
-    if spec.augment.shift and data.is_image:
-        raise DistillError("data.augment.shift is for 1-D signals; use crop_padding and flip for images")
-    train = training_subset(data.train, spec.train_subset, spec.seed)
-    val = None
-    if spec.val_fraction > 0:
-        train, val = split_validation(train, spec.val_fraction, seed=spec.seed)
-    kwargs = dict(mean=data.mean, std=data.std)
-    test_loader = BatchLoader(data.test, spec.eval_batch_size, shuffle=False, **kwargs)
-    val_loader = BatchLoader(val, spec.eval_batch_size, shuffle=False, **kwargs) if val is not None else None
-    return Prepared(data, train, val, test_loader, val_loader)
-
-
-def train_loader(recipe: Recipe, prepared: Prepared, batch_size: int, seed: int) -> BatchLoader:
-    augment = recipe.data.augment.model_dump(include={"crop_padding", "flip"}) if prepared.data.is_image else None
-    return BatchLoader(
-        prepared.train, batch_size, shuffle=True, seed=seed, drop_last=len(prepared.train) > batch_size,
-        mean=prepared.data.mean, std=prepared.data.std, augment=augment,
-        views=recipe.data.views, view_seed=recipe.data.seed,
-    )
-
-
-def teacher_taps(recipe: Recipe) -> list[str]:
-    """The teacher taps the distill stage reads (what a cache must hold besides logits)."""
-    from distill.losses import get_loss
-
-    from distill.objective import tap_names
-
-    return list(dict.fromkeys(
-        name for t in recipe.distill.terms if get_loss(t.loss).needs_teacher
-        for name in tap_names(t.teacher) if name != "logits"
-    ))
-
-
-def make_cache(recipe: Recipe, teacher: nn.Module, prepared: Prepared, path: str | Path) -> Path:
-    """Run ``teacher`` once over the training set (every replayed view) and store its outputs."""
-    from distill.cache import build_cache
-
-    loader = train_loader(recipe, prepared, recipe.train.batch_size, recipe.seeds[0])
-    return build_cache(
-        teacher, loader, path, taps=teacher_taps(recipe), topk=recipe.teacher.cache_topk,
-        dtype=recipe.teacher.cache_dtype,
-    )
-
-
-def open_cache(recipe: Recipe, teacher: nn.Module, prepared: Prepared, path: str | Path):
-    """The cache at ``path``, refused unless it was made by this teacher on this data and transforms."""
-    from distill.cache import TeacherCache, fingerprint
-
-    loader = train_loader(recipe, prepared, recipe.train.batch_size, recipe.seeds[0])
-    if not Path(path).exists():
-        raise DistillError(f"teacher cache {path} does not exist; build it with `distill cache RECIPE --out {path}`")
-    return TeacherCache(path, expect_fingerprint=fingerprint(teacher, loader))
-
-
-def stage_transform(recipe: Recipe, stage: StageSpec | None):
-    """The per-step batch transform of a stage: 1-D shifts, then function-matching mixup."""
-    shift = recipe.data.augment.shift
-    return compose(
-        shift_transform(shift) if shift else None,
-        mixup_transform(stage.mixup_alpha) if stage is not None and stage.mixup_alpha else None,
-    )
-
-
-def build_model(spec: ModelSpec, data: DataSplits, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return create_model(spec.model, data.num_classes, data.input_shape, weights=spec.weights, **spec.kwargs)
-
-
-def check_classes(teacher: nn.Module, student: nn.Module, prepared: Prepared) -> None:
-    """Teacher, student and data must share one label space."""
-    batch = {"input": next(iter(prepared.test_loader))["input"][:2]}
-    check_label_space(teacher, student, batch, default_feed, prepared.data)
-
-
-def check_label_space(teacher: nn.Module, student: nn.Module, batch: dict, feed, data) -> None:
-    """Raise a :class:`DistillError` unless teacher and student, fed ``batch`` by ``feed``, predict
-    ``data.num_classes`` classes (``data`` names the data set); both models keep their mode."""
-    from distill.taps import output_tensor
-
-    modes = teacher.training, student.training
-    teacher.eval(), student.eval()
-    with torch.no_grad():
-        t, s = output_tensor(feed(teacher, batch)).shape[-1], output_tensor(feed(student, batch)).shape[-1]
-    teacher.train(modes[0]), student.train(modes[1])
-    if t != s:
-        raise DistillError(f"teacher predicts {t} classes but the student {s}; they must share the label space")
-    if t != data.num_classes:
-        raise DistillError(f"teacher predicts {t} classes, but data set '{data.name}' has {data.num_classes}")
+def fresh_augmentation(recipe: Recipe) -> Recipe:
+    """``recipe`` with fresh augmentation every epoch instead of replayed views (``data.views``)."""
+    if recipe.data.views is None:
+        return recipe
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"views": None})})
 
 
 class Run:
@@ -175,8 +68,10 @@ class Run:
         overwrite: bool = False,
         progress: bool = True,
         console=None,
+        source: str | None = None,
     ) -> None:
         self.recipe = recipe
+        self.source = source  # how the user named the recipe (a file or preset), for suggested commands
         self.run_dir = Path(run_dir)
         self.data_dir = data_dir
         self.resume = resume
@@ -188,8 +83,7 @@ class Run:
         from distill.tasks.base import get_task
 
         self.task = get_task(recipe.task)
-        self._check_function_matching()
-        self._check_cache()
+        check_runnable(recipe, self.task)
         exists = self.run_dir.exists() and any(self.run_dir.iterdir())
         self.state.wait_for_everyone()
         if exists and not resume and not overwrite:
@@ -203,74 +97,18 @@ class Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state.wait_for_everyone()
 
-    def _check_cache(self) -> None:
-        recipe = self.recipe
-        if recipe.teacher.cache is None:
-            return
-        if not self.task.supports_cache:
-            raise DistillError(f"teacher.cache is not available for task '{self.task.name}'; use the live teacher")
-        if recipe.data.augment.shift or recipe.distill.mixup_alpha:
-            raise DistillError(
-                "teacher.cache cannot serve data.augment.shift or distill.mixup_alpha: those change the "
-                "inputs after the teacher saw them; drop them or use the live teacher"
-            )
-        augmenting = recipe.data.augment.crop_padding or recipe.data.augment.flip
-        if augmenting and recipe.data.views is None:
-            raise DistillError(
-                "teacher.cache with crop/flip augmentation needs data.views (e.g. 10): the student "
-                "must replay the augmented views the teacher saw"
-            )
-
-    def _check_function_matching(self) -> None:
-        stage = self.recipe.distill
-        if stage.mixup_alpha is not None:
-            from distill.losses import get_loss
-
-            readers = [t.name for t in stage.terms if "labels" in get_loss(t.loss).inputs and t.weight != 0]
-            if readers:
-                raise DistillError(
-                    f"distill.mixup_alpha is set, but terms {', '.join(readers)} read labels, which do "
-                    "not describe mixed inputs; drop them (function matching uses teacher targets only)"
-                )
-
     def say(self, message: str) -> None:
         if self.console is not None and self.main:
             self.console.print(message)
 
     # ------------------------------------------------------------------------------------
     def _train_stage(
-        self, name: str, seed: int, model: nn.Module, teacher, stage: StageSpec, spec: TrainSpec,
-        prepared: Prepared, peers: list[nn.Module] | None = None,
+        self, name: str, seed: int, model: nn.Module, teacher, stage: StageSpec, schedule: TrainConfig,
+        prepared, peers: list[nn.Module] | None = None, recipe: Recipe | None = None,
     ) -> tuple[nn.Module, list[dict[str, float]]]:
-        stage_dir = self.run_dir / "stages" / name
-        if peers:
-            from distill.mutual import MutualLearner
-
-            distiller = MutualLearner([model, *peers], terms_from(stage), feed=self.task.feed,
-                                      num_samples=len(prepared.train))
-        else:
-            distiller = Distiller(model, teacher, terms_from(stage), feed=self.task.feed,
-                                  num_samples=len(prepared.train))
-        loader = self.task.train_loader(self.recipe, prepared, spec.batch_size, seed)
-        first = next(iter(loader))
-        transform = compose(stage_transform(self.recipe, stage),
-                            self.task.batch_transform(self.recipe, prepared, model, teacher))
-        report = distiller.dry_run(transform(first, torch.Generator().manual_seed(0)) if transform else first)
-        if report.problems:
-            raise DistillError(f"{name}: " + "; ".join(report.problems))
-        evaluate = None
-        if prepared.val_loader is not None:
-            task = self.task
-
-            def evaluate(m: Distiller) -> dict[str, float]:
-                return task.evaluate(m.student, prepared, None, split="val")
-
-        trainer = Trainer(
-            distiller, loader, train_config(spec, seed, self.progress), evaluate=evaluate,
-            run_dir=stage_dir, name=name, batch_transform=transform, console=self.console,
-        )
-        history = trainer.fit(resume=self.resume)
-        return distiller.export_student(), history
+        built = build_stage(recipe or self.recipe, self.task, prepared, name=name, student=model, teacher=teacher,
+                            spec=stage, seed=seed, progress=self.progress, peers=peers, schedule=schedule)
+        return built.fit(run_dir=self.run_dir / "stages" / name, resume=self.resume, console=self.console)
 
     def _stage_done(self, name: str) -> dict | None:
         path = self.run_dir / "stages" / name / "result.json"
@@ -279,10 +117,12 @@ class Run:
         return None
 
     def _trained(
-        self, name: str, spec: ModelSpec, train: TrainSpec | None, seed: int, prepared: Prepared,
-        teacher=None, stage: StageSpec | None = None,
+        self, name: str, spec: ModelSpec, train: TrainConfig | None, seed: int, prepared,
+        teacher=None, stage: StageSpec | None = None, fresh_views: bool = False,
     ) -> nn.Module:
-        """The model of ``spec``: loaded, or trained as stage ``name`` (on labels, or from ``teacher``)."""
+        """The model of ``spec``: loaded, or trained as stage ``name`` (on labels, or from ``teacher``).
+        ``fresh_views``: train on fresh augmentation every epoch even when the recipe replays fixed
+        views for the cache (``data.views``): a teacher is not limited to what the students replay."""
         model = self.task.build_model(spec, prepared, seed)
         if train is None:
             return model
@@ -292,30 +132,36 @@ class Run:
             self.say(f"{name}: loaded from the finished stage of this run")
             return model
         stage = stage or StageSpec(terms=[dict(self.task.label_term)])
-        model, history = self._train_stage(name, seed, model, teacher, stage, train, prepared)
+        model, history = self._train_stage(name, seed, model, teacher, stage, train, prepared,
+                                           recipe=fresh_augmentation(self.recipe) if fresh_views else None)
         if self.main:
             save_weights(model, weights_path)
             write_json(self.run_dir / "stages" / name / "result.json", {"history": history})
         self.state.wait_for_everyone()
         return model
 
-    def _teacher(self, prepared: Prepared) -> nn.Module:
+    def _teacher(self, prepared) -> nn.Module:
         spec = self.recipe.teacher
         seed = self.recipe.seeds[0]
-        teacher = self._trained("teacher", spec, spec.train, seed, prepared)
-        if spec.train is not None and self.main:
+        train = teacher_training(spec)
+        if spec.weights is not None:
+            self.say(f"teacher: loaded {spec.weights}" + (
+                ", fine-tuned with teacher.train (teacher.finetune)" if train is not None else
+                " (not trained: teacher.train applies only with teacher.finetune: true)" if spec.train else ""))
+        teacher = self._trained("teacher", spec, train, seed, prepared, fresh_views=True)
+        if train is not None and self.main:
             save_weights(teacher, self.run_dir / "teacher.safetensors")
         if spec.ensemble is None:
             return teacher
         from distill.ensemble import TeacherEnsemble
 
         members = [teacher] + [
-            self._trained(f"teacher-member{i + 1}", m, m.train, seed + i + 1, prepared)
+            self._trained(f"teacher-member{i + 1}", m, teacher_training(m), seed + i + 1, prepared, fresh_views=True)
             for i, m in enumerate(spec.ensemble.members)
         ]
         return TeacherEnsemble(members, spec.ensemble.weights, spec.ensemble.combine)
 
-    def _assistants(self, signal, prepared: Prepared) -> tuple[Any, list[dict[str, Any]]]:
+    def _assistants(self, signal, prepared) -> tuple[Any, list[dict[str, Any]]]:
         """Train the teacher-assistant chain; returns the signal that teaches the student and a summary."""
         recipe = self.recipe
         summary = []
@@ -327,25 +173,24 @@ class Run:
             key = self.task.primary_metric
             summary.append({"model": spec.model, key: metrics[key], "params": count_parameters(model)})
             self.say(f"{name} ({spec.model}): test {key} {_show(key, metrics[key])}")
-            signal = LiveTeacher(model, precision=recipe.teacher.precision, device=recipe.teacher.device,
-                                 feed=self.task.feed)
+            signal = live_signal(recipe, self.task, model)
         return signal, summary
 
-    def _signal(self, teacher: nn.Module, prepared: Prepared):
+    def _signal(self, teacher: nn.Module, prepared):
         spec = self.recipe.teacher
         if spec.cache is None:
-            return LiveTeacher(teacher, precision=spec.precision, device=spec.device, feed=self.task.feed)
+            return live_signal(self.recipe, self.task, teacher)
         path = Path(spec.cache)
         if spec.cache == "auto":
             path = self.run_dir / "teacher-cache"
             if not (self.resume and path.exists()):
                 if self.main:
                     self.say(f"teacher cache: building {path}")
-                    make_cache(self.recipe, teacher, prepared, path)
+                    make_cache(self.recipe, self.task, teacher, prepared, path)
                 self.state.wait_for_everyone()
-        return open_cache(self.recipe, teacher, prepared, path)
+        return open_cache(self.recipe, self.task, teacher, prepared, path)
 
-    def _evaluate(self, model: nn.Module, prepared: Prepared, reference) -> dict[str, float]:
+    def _evaluate(self, model: nn.Module, prepared, reference) -> dict[str, float]:
         return self.task.evaluate(model, prepared, reference, split="test")
 
     def execute(self) -> dict[str, Any]:
@@ -358,19 +203,12 @@ class Run:
         self.say(f"data: {task.describe(prepared)}")
         teacher = self._teacher(prepared)
         task.check_models(teacher, task.build_model(recipe.student, prepared, 0), prepared)
+        pilot = self._pilot(teacher) if recipe.pilot is not None and recipe.pilot.enabled else None
+        recipe = self.recipe  # the pilot's choice, when there is one
         teacher_logits = task.reference(teacher, prepared)
         teacher_metrics = task.evaluate(teacher, prepared, None)
         self.say(f"teacher: test {key} {_show(key, teacher_metrics[key])}")
-        from distill.quality import assess_teacher, teacher_gate  # the teacher quality gate (teacher.gate)
-
-        if task.name == "classification":
-            targets = torch.cat([b["target"] for b in prepared.test_loader])
-            gate = assess_teacher(recipe.teacher.gate, teacher, prepared, teacher_logits, targets, recipe.baseline.enabled)
-        else:  # no calibration outside classification: the threshold and the baseline comparison
-            spec = recipe.teacher.gate
-            gate = teacher_gate(teacher_metrics[key], min_accuracy=spec.min_accuracy, enabled=spec.enabled,
-                                require_better_than_baseline=spec.require_better_than_baseline)
-            gate.raise_if_failed()
+        gate = task.assess_teacher(recipe, teacher, prepared, teacher_metrics, teacher_logits)
         for line in (gate.summary(), *gate.notes):
             self.say(line)
         signal = self._signal(teacher, prepared) if recipe.distill.enabled and recipe.distill.peers == 1 else None
@@ -379,6 +217,7 @@ class Run:
             signal, assistants = self._assistants(signal, prepared)
 
         per_seed: dict[str, list[dict[str, float]]] = {"baseline": [], "student": []}
+        histories: dict[str, list[list[dict[str, float]]]] = {"baseline": [], "student": []}
         generations: list[list[float]] = []
         student_model = None
         for seed in recipe.seeds:
@@ -394,15 +233,17 @@ class Run:
                 weights = self.run_dir / "stages" / name / "student.safetensors"
                 if done and weights.exists():
                     metrics = done["test"]
+                    histories[role].append(done.get("history", []))
                     if role == "student" and student_model is None:
                         load_weights(model, weights)
                         student_model = model
                 else:
-                    spec = stage.train or recipe.train
+                    spec = stage_schedule(recipe, stage)
                     peers = None
                     if role == "student" and stage.peers > 1:  # mutual learning: fresh peers, other seeds
                         peers = [task.build_model(recipe.student, prepared, seed + 7919 * k) for k in range(1, stage.peers)]
                     model, history = self._train_stage(name, seed, model, teacher_arg, stage, spec, prepared, peers)
+                    histories[role].append(history)
                     metrics = self._evaluate(model, prepared, teacher_logits)
                     if self.main:
                         save_weights(model, weights)
@@ -420,6 +261,12 @@ class Run:
 
         results = self._summarise(teacher, teacher_metrics, per_seed, prepared)
         results["teacher_gate"] = gate.to_dict()
+        advice = advise(results, histories, recipe, self.source)
+        if advice:
+            results["advice"] = advice
+            results["verdict"] += f". Likely cause: {advice['cause']}. Try: {advice['command']}"
+        if pilot is not None:
+            results["pilot"] = pilot
         if assistants:
             results["assistants"] = assistants
         if generations:  # born-again: mean accuracy of each generation (the last is "student")
@@ -436,19 +283,42 @@ class Run:
         self.state.wait_for_everyone()
         return results
 
-    def _born_again(self, seed: int, signal, prepared: Prepared, teacher_logits) -> tuple[Any, list[float]]:
+    def _pilot(self, teacher: nn.Module) -> dict[str, Any]:
+        """Choose the distill stage's settings on validation data (:mod:`distill.pilot`) before any
+        test-split evaluation; the choice replaces the recipe's settings and is written to
+        ``recipe.yaml`` and ``pilot.json`` (a resumed run reads it back)."""
+        from distill.pilot import apply_settings, run_pilot
+
+        path = self.run_dir / "pilot.json"
+        if self.resume and path.exists():
+            found = json.loads(path.read_text())
+            settings = {k: v for k, v in found["chosen"].items() if k != "label"}
+            self.recipe = apply_settings(self.recipe, settings)
+            self.say(f"pilot: read from {path}")
+            return found
+        chosen, result = run_pilot(self.recipe, self.task, teacher, self.data_dir, console=self.console if self.main else None)
+        self.recipe = chosen
+        found = result.to_dict()
+        found["summary"] = result.summary()
+        self.say(found["summary"])
+        if self.main:
+            write_json(path, found)
+            atomic_write(self.run_dir / "recipe.yaml", lambda f: f.write(recipe_to_yaml(chosen).encode()))
+        self.state.wait_for_everyone()
+        return found
+
+    def _born_again(self, seed: int, signal, prepared, teacher_logits) -> tuple[Any, list[float]]:
         """Generations 1..G-1 of born-again training; returns the signal for generation G."""
         recipe = self.recipe
         accuracies = []
         for g in range(1, recipe.distill.generations):
             name = f"student-gen{g}-seed{seed}"
-            model = self._trained(name, recipe.student, recipe.distill.train or recipe.train, seed + 104729 * g,
+            model = self._trained(name, recipe.student, stage_schedule(recipe, recipe.distill), seed + 104729 * g,
                                   prepared, teacher=signal, stage=recipe.distill)
             key = self.task.primary_metric
             accuracies.append(self._evaluate(model, prepared, teacher_logits)[key])
             self.say(f"born-again generation {g} (seed {seed}): test {key} {_show(key, accuracies[-1])}")
-            signal = LiveTeacher(model, precision=recipe.teacher.precision, device=recipe.teacher.device,
-                                 feed=self.task.feed)
+            signal = live_signal(recipe, self.task, model)
         return signal, accuracies
 
     def _summarise(self, teacher, teacher_metrics, per_seed, prepared) -> dict[str, Any]:
@@ -514,6 +384,59 @@ def verdict(results: dict[str, Any]) -> str:
         return (f"distillation hurt: {gain:+.2f} points against the student trained alone, "
                 f"beyond the spread ({spread:.2f}) over {n} seeds")
     return (f"no clear effect: {gain:+.2f} points, within the spread ({spread:.2f}) over {n} seeds")
+
+
+def still_improving(histories: list[list[dict[str, float]]], key: str) -> bool:
+    """Whether the students were still improving when their schedule ended: the validation metric
+    was best at the last epoch on most seeds, or (without validation) the training loss fell by more
+    than 5% over the last fifth of the epochs on most seeds."""
+    votes = []
+    for rows in histories:
+        if len(rows) < 3:
+            continue
+        metric = f"val_{key}"
+        if all(metric in r for r in rows):
+            values = [r[metric] for r in rows]
+            votes.append(values[-1] >= max(values[:-1]))
+        elif all("train_loss" in r for r in rows):
+            tail = max(1, len(rows) // 5)
+            before, last = rows[-1 - tail]["train_loss"], rows[-1]["train_loss"]
+            votes.append(before > 0 and (before - last) / before > 0.05)
+    return bool(votes) and sum(votes) > len(votes) / 2
+
+
+def advise(results: dict[str, Any], histories: dict[str, list], recipe: Recipe,
+           source: str | None = None) -> dict[str, str] | None:
+    """When distillation did not beat the student alone: the likely cause, from what the run measured,
+    and the one command to try next (``None`` when it helped, or nothing was compared)."""
+    if "baseline" not in results or "student" not in results or results["verdict"].startswith("distillation helped"):
+        return None
+    key = results.get("primary_metric", "accuracy")
+    teacher, alone, student = results["teacher"][key], results["baseline"][key], results["student"][key]
+    spread = max(results["baseline"].get(f"{key}_std", 0.0), results["student"].get(f"{key}_std", 0.0))
+    name = source or "RECIPE"  # the file or preset the run was started from
+    epochs = stage_schedule(recipe, recipe.distill).epochs
+    if teacher - alone < max(0.01, 2 * spread):
+        teacher_epochs = recipe.teacher.train.epochs if recipe.teacher.train is not None else None
+        more = f"--set teacher.train.epochs={2 * teacher_epochs}" if teacher_epochs else "--set teacher.weights=BETTER.safetensors"
+        return {"cause": f"the teacher ({_show(key, teacher)}) is barely better than the student alone "
+                         f"({_show(key, alone)}): it has little to teach",
+                "command": f"distill run {name} {more}"}
+    if still_improving(histories["student"], key):
+        return {"cause": f"the distilled students were still improving at their last epoch ({epochs}): the "
+                         "schedule is too short for distillation, which needs patience",
+                "command": f"distill run {name} --set train.epochs={2 * epochs}"}
+    s_agree, b_agree = results["student"].get("agreement"), results["baseline"].get("agreement")
+    if s_agree is not None and b_agree is not None and s_agree - b_agree < 0.01:
+        return {"cause": f"the distilled student agrees with the teacher no more than the student alone does "
+                         f"({100 * s_agree:.1f}% vs {100 * b_agree:.1f}%): a capacity gap, the student cannot "
+                         "follow this teacher",
+                "command": f"distill ladder {name}"}
+    if recipe.pilot is None:
+        return {"cause": "the temperature and term weights were not chosen for this data",
+                "command": f"distill run {name} --pilot"}
+    return {"cause": "the pilot's best setting did not carry over from validation to test",
+            "command": f"distill run {name} --set train.epochs={2 * epochs}"}
 
 
 def run_recipe(recipe: Recipe, run_dir: str | Path, **kwargs: Any) -> dict[str, Any]:

@@ -210,6 +210,7 @@ def profile_model(
     device: str = "cpu",
     onnx: bool | None = None,
     seed: int = 0,
+    example: torch.Tensor | None = None,
 ) -> ModelProfile:
     """Measure ``model`` on random inputs ``[b, *input_shape]`` for ``b`` in ``(1, batch)``
     (:func:`distill.export.random_inputs`: token ids for a model that starts with an embedding).
@@ -238,7 +239,10 @@ def profile_model(
     from distill.export import random_inputs
 
     batches = sorted({1, batch})
-    inputs = {b: random_inputs(model, shape, b, seed).to(dev) for b in batches}
+    if example is not None:  # a real input of batch 1 (e.g. user ids), repeated to each batch size
+        inputs = {b: example[:1].expand(b, *example.shape[1:]).clone().to(dev) for b in batches}
+    else:
+        inputs = {b: random_inputs(model, shape, b, seed).to(dev) for b in batches}
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -326,11 +330,12 @@ def profile_source(source, roles: Sequence[str] | None = None, **kwargs: Any) ->
     from distill.finished_run import FinishedRun
 
     if isinstance(source, FinishedRun):
-        shape = source.prepared.data.input_shape
+        shape = source.input_shape
         recipe = source.recipe
         pairs = [(f"teacher ({recipe.teacher.model})", source.teacher()),
                  (f"student ({recipe.student.model})", source.student())]
-        profiles = [profile_model(m, shape, name=n, **kwargs) for n, m in pairs]
+        example = source.task.latency_input(source.prepared)
+        profiles = [profile_model(m, shape, name=n, example=example, **kwargs) for n, m in pairs]
         if getattr(recipe.teacher, "ensemble", None) is not None:
             profiles[0].notes.append("the teacher is an ensemble: only its main model was profiled")
         return profiles

@@ -87,7 +87,7 @@ class TemperatureFit:
 
 
 def calibrate(logits: torch.Tensor, targets: torch.Tensor, split: str = "validation") -> TemperatureFit:
-    from distill.tasks.classification import expected_calibration_error
+    from distill.metrics import expected_calibration_error
 
     t = fit_temperature(logits, targets)
     return TemperatureFit(
@@ -201,13 +201,15 @@ def teacher_gate(
 
 
 def assess_teacher(
-    spec, teacher, prepared, teacher_logits: torch.Tensor, targets: torch.Tensor, baseline_enabled: bool = True
+    spec, teacher, prepared, teacher_logits: torch.Tensor, targets: torch.Tensor, baseline_enabled: bool = True,
+    calibration=None,
 ) -> GateResult:
     """The gate of a run (``spec``: the recipe's ``teacher.gate``) on the teacher's test logits,
-    with the temperature fitted on the validation split (the test split when there is none).
+    with the temperature fitted on the validation split, or on ``calibration`` (a ``(loader,
+    name)`` of training samples) when there is none: never on the test split.
     Raises :class:`DistillError` when the accuracy threshold fails; the baseline condition is
     checked later with :meth:`GateResult.check_baseline`."""
-    from distill.tasks.classification import accuracy, expected_calibration_error, per_class_accuracy, predict
+    from distill.metrics import accuracy, expected_calibration_error, per_class_accuracy, predict
 
     acc = accuracy(teacher_logits, targets)
     if not spec.enabled:
@@ -216,8 +218,11 @@ def assess_teacher(
     if prepared.val_loader is not None:
         val_logits, val_targets = predict(teacher, prepared.val_loader)
         fit = calibrate(val_logits, val_targets, "validation")
+    elif calibration is not None:
+        loader, name = calibration
+        fit = calibrate(*predict(teacher, loader), name)
     else:
-        fit = calibrate(teacher_logits, targets, "test")
+        fit = None
     result = teacher_gate(
         acc, min_accuracy=spec.min_accuracy, require_better_than_baseline=spec.require_better_than_baseline,
         per_class_accuracy=per_class_accuracy(teacher_logits, targets, prepared.data.num_classes),

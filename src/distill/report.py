@@ -8,7 +8,6 @@ from typing import Any
 
 from distill.checkpoints import atomic_write
 from distill.errors import DistillError
-from distill.logbook import read_metrics
 
 ROLES = (("teacher", "teacher"), ("baseline", "baseline (no teacher)"), ("student", "distilled"))
 
@@ -68,68 +67,18 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_losses(run_dir: Path, out: Path) -> bool:
-    """Training loss terms of every stage over epochs, one panel per stage kind."""
-    import matplotlib
+def plot_losses(run_dir: Path, out: Path, primary_metric: str = "accuracy") -> bool:
+    """Training curves of every stage (:func:`distill.plots.losses_figure`); False when none."""
+    from distill.plots import plot_losses as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stages = sorted((run_dir / "stages").glob("*/metrics.csv"))
-    if not stages:
-        return False
-    order = {"teacher": 0, "baseline": 1, "student": 2}
-    kinds = sorted({p.parent.name.split("-seed")[0] for p in stages}, key=lambda k: (order.get(k, 9), k))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        for path in stages:
-            if path.parent.name.split("-seed")[0] != kind:
-                continue
-            rows = read_metrics(path)
-            epochs = [r["epoch"] for r in rows]
-            for key in rows[0]:
-                if key.startswith("train_"):
-                    ax.plot(epochs, [r.get(key) for r in rows], label=f"{path.parent.name}: {key[6:]}")
-        ax.set_title(kind)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return True
+    return draw(run_dir, out, primary_metric)
 
 
 def plot_accuracy_vs_params(results: dict[str, Any], out: Path) -> None:
-    import matplotlib
+    """The test metric against parameters, latency and size (:func:`distill.plots.accuracy_vs_cost_figure`)."""
+    from distill.plots import plot_accuracy_vs_cost
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key = results.get("primary_metric", "accuracy")
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for role, label in ROLES:
-        s = results.get(role)
-        if not s:
-            continue
-        ax.errorbar(s["params"], 100 * s[key], yerr=100 * s.get(f"{key}_std", 0.0),
-                    fmt="o", capsize=4, label=label)
-    from matplotlib.ticker import EngFormatter, FixedLocator, NullLocator
-
-    ax.set_xscale("log")
-    sizes = sorted({results[r]["params"] for r, _ in ROLES if results.get(r)})
-    ax.xaxis.set_major_locator(FixedLocator(sizes))  # label the models' own sizes
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(EngFormatter(places=2))
-    ax.margins(x=0.3)
-    ax.set_xlabel("parameters")
-    ax.set_ylabel(f"test {key} %")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    plot_accuracy_vs_cost(results, out)
 
 
 def gate_lines(results: dict[str, Any]) -> list[str]:
@@ -143,27 +92,110 @@ def gate_lines(results: dict[str, Any]) -> list[str]:
     return lines + list(gate.get("notes", []))
 
 
-def write_report(run_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
-    """Write ``report.md`` and its plots into ``run_dir``; return the report's path."""
-    run_dir = Path(run_dir)
-    if results is None:
-        results = load_results(run_dir)
-    lines = [f"# distill report: {results.get('recipe', run_dir.name)}", ""]
-    lines.append(
-        f"Data: `{results.get('data')}`; seeds: {results.get('seeds')}; "
+PLOTS = (
+    ("accuracy_vs_params.png", "test metric against parameters, CPU latency at batch 1 and size"),
+    ("losses.png", "training loss terms and validation metric over epochs"),
+)
+
+
+def intro(results: dict[str, Any], markdown: bool = False) -> str:
+    data = f"`{results.get('data')}`" if markdown else str(results.get("data"))
+    return (
+        f"Data: {data}; seeds: {results.get('seeds')}; "
         f"{results.get('primary_metric', 'accuracy')} is the test-set mean "
         f"± std over seeds; latency is the median CPU time of one sample at batch 1 with "
         f"{results.get('threads')} thread(s)."
     )
+
+
+def write_report(run_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
+    """Write ``report.md``, the self-contained ``report.html`` and their plots into ``run_dir``;
+    return the path of ``report.md``."""
+    run_dir = Path(run_dir)
+    if results is None:
+        results = load_results(run_dir)
+    plots = []
+    plot_accuracy_vs_params(results, run_dir / PLOTS[0][0])
+    plots.append(PLOTS[0])
+    if plot_losses(run_dir, run_dir / PLOTS[1][0], results.get("primary_metric", "accuracy")):
+        plots.append(PLOTS[1])
+    title = f"distill report: {results.get('recipe', run_dir.name)}"
+    gates = gate_lines(results)
+    lines = [f"# {title}", "", intro(results, markdown=True)]
     lines += ["", markdown_table(results), "", f"**Verdict:** {results.get('verdict', '')}", ""]
-    lines += [f"- {line}" for line in gate_lines(results)] + ([""] if gate_lines(results) else [])
-    plot_accuracy_vs_params(results, run_dir / "accuracy_vs_params.png")
-    lines += ["![accuracy vs parameters](accuracy_vs_params.png)", ""]
-    if plot_losses(run_dir, run_dir / "losses.png"):
-        lines += ["![loss terms over training](losses.png)", ""]
+    lines += [f"- {line}" for line in gates] + ([""] if gates else [])
+    lines += [line for name, alt in plots for line in (f"![{alt}]({name})", "")]
     text = "\n".join(lines).encode()
     atomic_write(run_dir / "report.md", lambda f: f.write(text))
+    page = html_report(title, results, [(alt, (run_dir / name).read_bytes()) for name, alt in plots]).encode()
+    atomic_write(run_dir / "report.html", lambda f: f.write(page))
     return run_dir / "report.md"
+
+
+CSS = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
+       max-width: 1240px; margin: 24px auto; padding: 0 20px; color: #1d1d1f; }
+h1 { font-size: 24px; margin: 0 0 8px; }
+p.intro { color: #555; margin: 0 0 16px; }
+table { border-collapse: collapse; margin: 8px 0 16px; }
+th, td { padding: 6px 12px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+th { background: #f4f4f6; font-weight: 600; }
+td:first-child, th:first-child, td:nth-child(2) { text-align: left; }
+tr.student td { font-weight: 600; }
+.verdict { padding: 10px 14px; border-left: 4px solid #999; background: #f6f6f6; margin: 12px 0; }
+.verdict.helped { border-color: #2ca02c; background: #f3faf3; }
+.verdict.hurt { border-color: #d62728; background: #fdf3f3; }
+ul.gate { color: #444; }
+figure { margin: 20px 0; }
+figure img { width: 100%; max-width: 1200px; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 14px; }
+"""
+
+
+def html_report(title: str, results: dict[str, Any], images: list[tuple[str, bytes]]) -> str:
+    """One HTML page holding the table, the verdict, the gate and ``images`` (``(caption, png)``)
+    as base64 data URIs: no other file, no script, nothing fetched."""
+    import base64
+    from html import escape
+
+    head = "".join(f"<th>{escape(h)}</th>" for h in header(results))
+    labels = {label: role for role, label in ROLES}
+    body = "\n".join(
+        f'<tr class="{labels.get(row[0], "")}">' + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>"
+        for row in table_rows(results)
+    )
+    verdict = str(results.get("verdict", ""))
+    tone = next((t for t in ("helped", "hurt") if verdict.startswith(f"distillation {t}")), "")
+    gates = gate_lines(results)
+    gate = ("<ul class=\"gate\">" + "".join(f"<li>{escape(g)}</li>" for g in gates) + "</ul>") if gates else ""
+    figures = "\n".join(
+        f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+        for caption, png in images
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)}</title>
+<style>{CSS}</style>
+</head>
+<body>
+<h1>{escape(title)}</h1>
+<p class="intro">{escape(intro(results))}</p>
+<table>
+<thead><tr>{head}</tr></thead>
+<tbody>
+{body}
+</tbody>
+</table>
+<p class="verdict {tone}"><strong>Verdict:</strong> {escape(verdict)}</p>
+{gate}
+{figures}
+</body>
+</html>
+"""
 
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:

@@ -69,7 +69,8 @@ def share_teacher(
     the training samples. A cache the recipe already names (``teacher.cache: PATH`` with
     ``teacher.weights``) is used as it is.
     """
-    from distill.pipeline import make_cache, run_recipe
+    from distill.pipeline import run_recipe
+    from distill.stage import make_cache
     from distill.recipes import load_recipe
     from distill.tasks.base import get_task
 
@@ -117,7 +118,7 @@ def share_teacher(
     model = task.build_model(recipe.teacher, prepared, recipe.seeds[0])
     if params is None:
         shared.params = sum(p.numel() for p in model.parameters())
-    make_cache(recipe, model, prepared, shared.cache)
+    make_cache(recipe, task, model, prepared, shared.cache)
     if console is not None:
         console.print(f"teacher cache: {shared.cache} ({len(prepared.train)} training samples)", markup=False)
     return shared

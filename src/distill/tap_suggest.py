@@ -216,7 +216,7 @@ def suggest_for_recipe(
     recipe, data_dir: str | Path | None = None, *, samples: int = 128, top: int = 4, depth_weight: float = 1.0
 ) -> TapSuggestions:
     """:func:`suggest_taps` for a recipe's teacher and student on ``samples`` test inputs."""
-    from distill.pipeline import build_model, prepare_data
+    from distill.tasks.classification import build_model, prepare_data
 
     prepared = prepare_data(recipe, data_dir)
     seed = recipe.seeds[0]

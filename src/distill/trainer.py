@@ -8,24 +8,24 @@ script with ``accelerate launch`` or ``torchrun`` to run on several processes.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from distill.accelerate_compat import end_window, plain_optimizer, reset_precision_state
 from distill.allocator import keep_freed_memory
-from distill.checkpoints import fault_armed, fault_point, load_checkpoint, save_checkpoint
+from distill.callbacks import (Callback, CallbackList, Checkpointing, EarlyStopping, EpochHook, FitState,
+                               MetricsLogger, ProgressDisplay, global_callbacks)
 from distill.errors import DistillError
-from distill.logbook import MetricsLog
 from distill.schedules import learning_rate
 from distill.signals import move_batch
+from distill.train_config import TrainConfig
 
 BatchTransform = Callable[[dict, torch.Generator], dict]
 Evaluate = Callable[[nn.Module], dict[str, float]]
@@ -35,34 +35,6 @@ Evaluate = Callable[[nn.Module], dict[str, float]]
 # clipping, which computes it anyway. Reading every gradient costs about 0.7% of a small MLP's step
 # on a CPU core; sampling one step in four makes it about 0.2%.
 GRAD_NORM_EVERY = 4
-
-
-@dataclass
-class TrainConfig:
-    """How to train; every field has a recipe twin in ``train:``."""
-
-    epochs: int = 10
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
-    grad_accum: int = 1
-    mixed_precision: str = "no"
-    clip_grad_norm: float | None = None
-    early_stopping_patience: int | None = None
-    monitor: str = "val_accuracy"
-    monitor_mode: str = "max"
-    restore_best: bool = True
-    checkpoint_every: int = 1
-    seed: int = 0
-    cpu: bool = False
-    progress: bool = True
-    tensorboard: bool = True  # event files under run_dir/tensorboard when tensorboard is installed
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
@@ -97,7 +69,6 @@ def distributed_state(cpu: bool = False):
 def make_accelerator(config: TrainConfig):
     """An ``accelerate.Accelerator`` for ``config``; re-created when precision settings change."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     kwargs = dict(
         mixed_precision=config.mixed_precision,
@@ -109,7 +80,7 @@ def make_accelerator(config: TrainConfig):
     except ValueError:
         # Another stage in this process used other precision settings: start the state afresh
         # (the process group, if any, is kept).
-        AcceleratorState._reset_state(reset_partial_state=False)
+        reset_precision_state()
         return Accelerator(**kwargs)
 
 
@@ -118,6 +89,27 @@ def _seed_for(*parts: int) -> int:
     for part in parts:
         value = (value * 1_000_003 + int(part)) % (2**63 - 1)
     return value
+
+
+class EpochStats:
+    """The running sums of one epoch: each loss term and the total, the sampled gradient norms."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0  # steps
+        self.updates = 0  # optimizer steps (accumulation windows)
+        self.grad_norms: list = []  # per sampled optimizer step: per-parameter norms, or the total
+        self.lr = math.nan  # of the last step
+
+    def add(self, out) -> None:
+        for key, value in out.terms.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+        self.sums["loss"] = self.sums.get("loss", 0.0) + out.loss.detach().float()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        """The mean of each term and of the loss so far (reads them from the device)."""
+        return {key: float(value) / self.count for key, value in self.sums.items()}
 
 
 class Trainer:
@@ -129,7 +121,18 @@ class Trainer:
     non-finite loss, or a step that runs out of memory, stops training with a
     :class:`DistillError` that names the epoch and step and what to change.
 
-    ``on_epoch_end(row)``, when given, is called with that row once the epoch is logged and
+    With ``config.grad_accum`` = N, the optimizer steps once per window of N steps; windows restart
+    with each epoch and an epoch's last step always ends one (as with accelerate's own data
+    loaders), so no gradient is carried past an epoch's end, where the checkpoint is, and a resumed
+    run takes the same steps as an uninterrupted one.
+
+    Early stopping (``config.early_stopping_patience``) and ``config.restore_best`` follow
+    ``config.monitored()``: ``config.monitor``, else ``val_accuracy`` (set ``monitor`` to the
+    task's own metric, e.g. ``val_ndcg10``).
+
+    Checkpoints, early stopping, the metrics log, the progress display and ``on_epoch_end`` are
+    callbacks (:mod:`distill.callbacks`); ``callbacks`` adds more, after the trainer's own.
+    ``on_epoch_end(row)``, when given, is called with each epoch's row once it is logged and
     checkpointed; returning True stops training there, as early stopping does (a hyperparameter
     search uses it to report each epoch's validation accuracy and stop a pruned trial). With several
     processes, every one must return the same.
@@ -147,6 +150,7 @@ class Trainer:
         batch_transform: BatchTransform | None = None,
         console=None,
         on_epoch_end: Callable[[dict[str, float]], bool | None] | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.model = model
         self.loader = train_loader
@@ -157,7 +161,9 @@ class Trainer:
         self.batch_transform = batch_transform
         self.console = console
         self.on_epoch_end = on_epoch_end
+        self.callbacks = list(callbacks)
         self.history: list[dict[str, float]] = []
+        self.stopped_early = False
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -166,9 +172,30 @@ class Trainer:
     # ------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict[str, float]]:
         """Train for ``config.epochs`` epochs (continuing from the last checkpoint if ``resume``)."""
-        cfg = self.config
-        accelerator = make_accelerator(cfg)
-        optimizer = make_optimizer(self.model.parameters(), cfg)
+        run = self._start(resume)
+        try:
+            run.callbacks.on_fit_start(run)  # a resumed fit: state restored, start_epoch set
+            if run.start_epoch == 0:  # dropout and other in-model randomness; restored on resume
+                torch.manual_seed(_seed_for(self.config.seed, 17))
+            for epoch in range(run.start_epoch, self.config.epochs):
+                run.epoch = epoch
+                row = self._train_epoch(run)
+                run.history.append(row)
+                run.callbacks.on_epoch_end(run, dict(row))
+                if run.should_stop:
+                    break
+        except BaseException as exc:
+            run.error = exc
+            raise
+        finally:
+            run.callbacks.on_fit_end(run)
+        self.history, self.stopped_early, self.model = run.history, run.should_stop, run.unwrapped
+        return self.history
+
+    def _start(self, resume: bool) -> FitState:
+        """The accelerator, the prepared model and optimizer, the loader's shard, the callbacks."""
+        accelerator = make_accelerator(self.config)
+        optimizer = make_optimizer(self.model.parameters(), self.config)
         model, optimizer = accelerator.prepare(self.model, optimizer)
         if accelerator.device.type == "cpu":
             keep_freed_memory()  # no page faults for every step's activations (see distill.allocator)
@@ -180,157 +207,43 @@ class Trainer:
             raise DistillError(
                 "the training loader yields no batch: the batch size is larger than the data set"
             )
-        main = accelerator.is_main_process
-        log = MetricsLog(
-            self.run_dir / "metrics.csv" if (self.run_dir and main) else None,
-            self.run_dir / "tensorboard" if (self.run_dir and main and cfg.tensorboard) else None,
-        )
-        start_epoch, best, stale, best_state = 0, None, 0, None
-        unwrapped = accelerator.unwrap_model(model)
-        if resume and self.checkpoint_path and self.checkpoint_path.exists():
-            state = load_checkpoint(self.checkpoint_path)
-            unwrapped.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
-            start_epoch = int(state["epoch"]) + 1
-            best, stale = state.get("best"), int(state.get("stale", 0))
-            best_state = state.get("best_state")
-            log.restore(state.get("history", []))
-        if start_epoch == 0:  # dropout and other in-model randomness; restored on resume
-            torch.manual_seed(_seed_for(cfg.seed, 17))
+        run = FitState(self, accelerator, model, accelerator.unwrap_model(model), optimizer, steps, resume)
+        run.callbacks = CallbackList([*self._own_callbacks(run), *self.callbacks, *global_callbacks()])
+        return run
 
-        progress = _Progress(enabled=cfg.progress and main, console=self.console)
-        stopped_early = False
-        params = [p for p in unwrapped.parameters() if p.requires_grad]
-        set_progress = getattr(self.model, "set_progress", None)
-        plain_step = _plain_optimizer(accelerator, optimizer)
-        fault = fault_armed("epoch-step")  # tests: DISTILL_FAULT=epoch-step:[NAME:]E:S
-        with progress:
-            task = progress.add(f"{self.name}", total=(cfg.epochs - start_epoch) * steps)
-            for epoch in range(start_epoch, cfg.epochs):
-                started = time.perf_counter()
-                self.loader.set_epoch(epoch)
-                model.train()
-                sums: dict[str, torch.Tensor] = {}
-                count = 0
-                grad_norms: list = []  # per sampled optimizer step: per-parameter norms, or the total
-                updates = 0  # optimizer steps (accumulation windows) so far this epoch
-                for step, batch in enumerate(self.loader):
-                    lr = learning_rate(
-                        cfg.lr, epoch + step / steps, cfg.epochs, cfg.schedule, cfg.warmup_epochs,
-                        cfg.milestones, cfg.gamma,
-                    )
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    if set_progress is not None:  # a generic hook: e.g. term weights that warm up
-                        set_progress(epoch + step / steps)
-                    batch = move_batch(batch, accelerator.device)
-                    if self.batch_transform is not None:
-                        gen = torch.Generator().manual_seed(_seed_for(cfg.seed, epoch, step, 5))
-                        batch = self.batch_transform(batch, gen)
-                    if cfg.grad_accum > 1:
-                        # Accumulation windows restart with each epoch and its last step always
-                        # updates (as with accelerate's own data loaders): no gradients are carried
-                        # across an epoch's end, where the checkpoint is, so a resumed run takes the
-                        # same steps as an uninterrupted one. accumulate() adds 1 to .step and
-                        # syncs when it reaches a multiple of grad_accum.
-                        accelerator.step = cfg.grad_accum - 1 if step + 1 == steps else step % cfg.grad_accum
-                    try:
-                        with accelerator.accumulate(model):
-                            out = model(batch)
-                            if not torch.isfinite(out.loss):
-                                bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
-                                raise DistillError(
-                                    f"{self.name}: loss is {float(out.loss.detach())} at epoch {epoch + 1}, step "
-                                    f"{step + 1} (non-finite terms: {', '.join(bad) or 'none; the sum overflowed'}); "
-                                    "lower the learning rate, set train.clip_grad_norm, or check the inputs"
-                                )
-                            accelerator.backward(out.loss)
-                            if accelerator.sync_gradients:
-                                if cfg.clip_grad_norm:  # clipping computes the norm anyway: log every step
-                                    grad_norms.append(accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm))
-                                elif updates % GRAD_NORM_EVERY == 0:
-                                    grad_norms.append(_grad_norms(accelerator, params))
-                                updates += 1
-                            if plain_step is None:
-                                optimizer.step()
-                                optimizer.zero_grad(set_to_none=True)
-                            elif accelerator.sync_gradients:
-                                plain_step.step()
-                                plain_step.zero_grad(set_to_none=True)
-                    except RuntimeError as exc:  # torch.OutOfMemoryError is one
-                        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
-                            raise DistillError(self._out_of_memory(epoch, step, accelerator)) from None
-                        raise
-                    if fault:
-                        fault_point("epoch-step", self.name, epoch + 1, step + 1)
-                    for key, value in out.terms.items():
-                        sums[key] = sums.get(key, 0.0) + value.detach().float()
-                    sums["loss"] = sums.get("loss", 0.0) + out.loss.detach().float()
-                    count += 1
-                    if progress.enabled and (step % 10 == 0 or step == steps - 1):
-                        running = "  ".join(f"{k} {float(v) / count:.4f}" for k, v in sums.items())
-                        progress.update(task, step + 1 + (epoch - start_epoch) * steps,
-                                        f"epoch {epoch + 1}/{cfg.epochs}  {running}")
-                row: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
-                row.update({f"train_{k}": float(v) / count for k, v in sums.items()})
-                if grad_norms:
-                    row["grad_norm"] = _mean_norm(grad_norms, skip_overflow=accelerator.scaler is not None)
-                if self.evaluate is not None:
-                    metrics = self.evaluate(unwrapped)
-                    row.update({f"val_{k}" if not k.startswith("val_") else k: v for k, v in metrics.items()})
-                row["epoch_seconds"] = time.perf_counter() - started
-                log.append(row)
-                progress.update(task, (epoch + 1 - start_epoch) * steps, _describe(row, cfg.epochs))
+    def _own_callbacks(self, run: FitState) -> list[Callback]:
+        cfg, own = self.config, []
+        if cfg.early_stopping_patience is not None or (cfg.restore_best and self.evaluate is not None):
+            own.append(EarlyStopping(cfg.monitored(), cfg.monitor_mode, cfg.early_stopping_patience, cfg.restore_best))
+        if self.run_dir is not None:
+            own.append(Checkpointing(self.checkpoint_path, cfg.checkpoint_every))
+            own.append(MetricsLogger(self.run_dir, cfg.tensorboard))
+        if cfg.progress and run.main:
+            own.append(ProgressDisplay(self.console))
+        if self.on_epoch_end is not None:
+            own.append(EpochHook(self.on_epoch_end))
+        return own
 
-                improved = False
-                if cfg.early_stopping_patience is not None or (cfg.restore_best and self.evaluate):
-                    current = row.get(cfg.monitor)
-                    if current is None:
-                        raise DistillError(
-                            f"early stopping monitors '{cfg.monitor}', which is not among "
-                            f"the logged metrics: {', '.join(row)}"
-                        )
-                    sign = 1 if cfg.monitor_mode == "max" else -1
-                    if best is None or sign * current > sign * best:
-                        best, stale, improved = current, 0, True
-                        if cfg.restore_best:
-                            best_state = copy.deepcopy(unwrapped.state_dict())
-                    else:
-                        stale += 1
-                last = epoch + 1 == cfg.epochs or (
-                    cfg.early_stopping_patience is not None and not improved
-                    and stale >= cfg.early_stopping_patience
-                )
-                due = (epoch + 1) % cfg.checkpoint_every == 0 or last
-                if self.checkpoint_path is not None and main and due:
-                    save_checkpoint(
-                        {
-                            "model": unwrapped.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "epoch": epoch,
-                            "rng": torch.get_rng_state(),
-                            "best": best,
-                            "stale": stale,
-                            "best_state": best_state,
-                            "history": log.rows,
-                        },
-                        self.checkpoint_path,
-                    )
-                accelerator.wait_for_everyone()
-                if cfg.early_stopping_patience is not None and not improved and stale >= cfg.early_stopping_patience:
-                    stopped_early = True
-                    break
-                if self.on_epoch_end is not None and self.on_epoch_end(dict(row)):
-                    stopped_early = True
-                    break
-        if cfg.restore_best and best_state is not None:
-            unwrapped.load_state_dict(best_state)
-        log.close()
-        self.history = log.rows
-        self.stopped_early = stopped_early
-        self.model = unwrapped
-        return self.history
+    def _train_epoch(self, run: FitState) -> dict[str, float]:
+        """One epoch of steps, then its metrics row."""
+        started = time.perf_counter()
+        self.loader.set_epoch(run.epoch)
+        run.model.train()
+        run.stats = stats = EpochStats()
+        step = _Step(self, run)
+        for index, batch in enumerate(self.loader):
+            run.step = index
+            stats.add(step(batch))
+            run.callbacks.on_step_end(run)
+        row: dict[str, float] = {"epoch": run.epoch + 1, "lr": stats.lr}
+        row.update({f"train_{k}": v for k, v in stats.means().items()})
+        if stats.grad_norms:
+            row["grad_norm"] = _mean_norm(stats.grad_norms, skip_overflow=run.accelerator.scaler is not None)
+        if self.evaluate is not None:
+            metrics = self.evaluate(run.unwrapped)
+            row.update({f"val_{k}" if not k.startswith("val_") else k: v for k, v in metrics.items()})
+        row["epoch_seconds"] = time.perf_counter() - started
+        return row
 
     def _out_of_memory(self, epoch: int, step: int, accelerator) -> str:
         """What to do when a training step ran out of memory, in one line."""
@@ -349,21 +262,62 @@ class Trainer:
         )
 
 
-def _plain_optimizer(accelerator, optimizer) -> torch.optim.Optimizer | None:
-    """The optimizer inside accelerate's wrapper, when stepping it directly is all the wrapper does.
+class _Step:
+    """One training step of an epoch: learning rate, batch, forward, backward and, at the end of an
+    accumulation window, the optimizer step (with the gradient norm sampled before it)."""
 
-    Without loss scaling, on a single process or with DDP, ``AcceleratedOptimizer.step`` and
-    ``zero_grad`` only skip the call between accumulation steps; on the way they probe for optional
-    packages and inspect signatures on every call (about 0.4 ms a step, 3% of a small MLP's step on
-    a CPU core). The trainer then steps the inner optimizer itself, on ``sync_gradients``; any other
-    set-up (fp16 scaling, DeepSpeed, XLA, Megatron) keeps the wrapper.
-    """
-    from accelerate.utils import DistributedType
+    def __init__(self, trainer: Trainer, run: FitState) -> None:
+        self.trainer, self.run, self.cfg = trainer, run, trainer.config
+        self.accelerator = run.accelerator
+        self.window = self.accelerator.gradient_accumulation_steps  # config.grad_accum, or the launcher's
+        self.stepper = plain_optimizer(self.accelerator, run.optimizer) or run.optimizer
+        self.params = [p for p in run.unwrapped.parameters() if p.requires_grad]
+        self.set_progress = getattr(trainer.model, "set_progress", None)  # e.g. term weights that warm up
 
-    plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-    if accelerator.scaler is not None or accelerator.distributed_type not in plain:
-        return None
-    return getattr(optimizer, "optimizer", None)
+    def __call__(self, batch):
+        cfg, run, accelerator = self.cfg, self.run, self.accelerator
+        epoch, step, steps = run.epoch, run.step, run.steps
+        run.stats.lr = lr = learning_rate(
+            cfg.lr, epoch + step / steps, cfg.epochs, cfg.schedule, cfg.warmup_epochs, cfg.milestones, cfg.gamma,
+        )
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        if self.set_progress is not None:
+            self.set_progress(epoch + step / steps)
+        batch = move_batch(batch, accelerator.device)
+        if self.trainer.batch_transform is not None:
+            gen = torch.Generator().manual_seed(_seed_for(cfg.seed, epoch, step, 5))
+            batch = self.trainer.batch_transform(batch, gen)
+        sync = (step + 1) % self.window == 0 or step + 1 == steps  # windows restart with each epoch
+        end_window(accelerator, sync)
+        try:
+            with nullcontext() if sync else accelerator.no_sync(run.model):  # DDP: no all-reduce inside a window
+                out = run.model(batch)
+                if not torch.isfinite(out.loss):
+                    bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
+                    raise DistillError(
+                        f"{run.name}: loss is {float(out.loss.detach())} at epoch {epoch + 1}, step "
+                        f"{step + 1} (non-finite terms: {', '.join(bad) or 'none; the sum overflowed'}); "
+                        "lower the learning rate, set train.clip_grad_norm, or check the inputs"
+                    )
+                accelerator.backward(out.loss)  # divides the loss by the window length
+            if sync:
+                self._sample_grad_norm()
+                self.stepper.step()
+                self.stepper.zero_grad(set_to_none=True)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+                raise DistillError(self.trainer._out_of_memory(epoch, step, accelerator)) from None
+            raise
+        return out
+
+    def _sample_grad_norm(self) -> None:
+        stats, accelerator, clip = self.run.stats, self.accelerator, self.cfg.clip_grad_norm
+        if clip:  # clipping computes the norm anyway: log every step
+            stats.grad_norms.append(accelerator.clip_grad_norm_(self.run.model.parameters(), clip))
+        elif stats.updates % GRAD_NORM_EVERY == 0:
+            stats.grad_norms.append(_grad_norms(accelerator, self.params))
+        stats.updates += 1
 
 
 def _grad_norms(accelerator, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -399,45 +353,3 @@ def _mean_norm(norms: list, skip_overflow: bool) -> float:
     if skip_overflow:
         totals = totals[torch.isfinite(totals)]
     return float(totals.mean()) if len(totals) else float("nan")
-
-
-def _describe(row: dict[str, float], epochs: int) -> str:
-    parts = [f"epoch {int(row['epoch'])}/{epochs}"]
-    for key, value in row.items():
-        if key.startswith("train_") or key.startswith("val_"):
-            parts.append(f"{key} {value:.4f}")
-    return "  ".join(parts)
-
-
-class _Progress:
-    """A rich progress bar that shows each loss term; a no-op when disabled."""
-
-    def __init__(self, enabled: bool, console=None) -> None:
-        self.enabled = enabled
-        self._progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
-                transient=False,
-            )
-
-    def __enter__(self):
-        if self._progress is not None:
-            self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-
-    def add(self, description: str, total: int):
-        if self._progress is None:
-            return None
-        return self._progress.add_task(description, total=total, info="")
-
-    def update(self, task, completed: int, info: str) -> None:
-        if self._progress is not None:
-            self._progress.update(task, completed=completed, info=info)

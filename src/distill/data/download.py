@@ -80,7 +80,25 @@ def _reason(error: BaseException, timeout: float) -> str:
         return f"no answer within {timeout:g} s"
     if isinstance(error, http.client.IncompleteRead):
         return "the connection closed before the whole file arrived"
+    if isinstance(error, socket.gaierror):
+        return "host not found"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]
     return f"{type(error).__name__}: {error}"
+
+
+_OFFLINE_FIX = "no network? download it elsewhere and point data.options.path at it"
+
+
+def _short_reason(error: DistillError, url: str, timeout: float) -> str:
+    """Why one URL failed, in a few words (for :func:`fetch_files`, which lists every mirror)."""
+    cause = error.__cause__
+    if cause is not None and not isinstance(cause, DistillError):
+        return _reason(cause, timeout)
+    text = str(error).replace(f" for {url}", "").replace(f"download of {url} is", "download")
+    return text.replace(f"{url} is", "it is").split("; ")[0]
 
 
 def download(
@@ -152,11 +170,10 @@ def download(
         tmp.unlink(missing_ok=True)
         hint = (
             "check the URL or use another mirror" if isinstance(error, urllib.error.HTTPError)
-            else "check the network connection"
+            else _OFFLINE_FIX
         )
         raise DistillError(
-            f"could not download {url}: {_reason(error, timeout)}; {hint}, or place the file in "
-            f"{dest.parent} by hand"
+            f"could not download {url}: {_reason(error, timeout)}; {hint}, or put the file in {dest.parent}"
         ) from error
     except BaseException:  # KeyboardInterrupt and friends: still no partial file
         tmp.unlink(missing_ok=True)
@@ -176,8 +193,9 @@ def fetch_files(
     A file is fetched from ``base_url + name`` for the first mirror that serves it with the right
     checksum; a mirror that failed for one reason (404, dead host, wrong content) is skipped over
     to the next. After a success, later files try the mirror that worked first. ``gunzip`` has the
-    meaning of :func:`download`. Returns ``{name: path}``; raises :class:`DistillError` listing
-    every mirror's failure when a file cannot be fetched from any of them.
+    meaning of :func:`download`. Returns ``{name: path}``; raises :class:`DistillError` (one line:
+    the file, each mirror's reason, and how to supply the file by hand) when a file cannot be
+    fetched from any of them.
     """
     mirrors = [u if u.endswith("/") else u + "/" for u in base_urls]
     if not mirrors:
@@ -185,21 +203,24 @@ def fetch_files(
     dest_dir = Path(dest_dir)
     out: dict[str, Path] = {}
     for name, sha256 in files.items():
-        failures = []
+        failures: dict[str, list[str]] = {}  # reason -> the mirrors that failed for it
         for base in list(mirrors):
             try:
                 out[name] = download(base + name, dest_dir / name, sha256, timeout, gunzip=gunzip)
             except DistillError as error:
-                log.warning("%s", error)
-                failures.append(str(error))
+                if str(error).startswith("cannot write into"):  # the data directory, not the mirror
+                    raise
+                log.info("%s", error)  # the final error lists every mirror; a later mirror may still work
+                failures.setdefault(_short_reason(error, base + name, timeout), []).append(base)
                 continue
             mirrors.remove(base)
             mirrors.insert(0, base)
             break
         else:
+            tried = "; ".join(f"{', '.join(bases)}: {reason}" for reason, bases in failures.items())
             raise DistillError(
-                f"could not fetch {name} from any mirror:\n  - " + "\n  - ".join(failures)
-                + f"\nCheck the network, pass mirror=<base URL> of a copy, or put the file in {dest_dir} by hand"
+                f"could not fetch {name} from any mirror ({tried}); {_OFFLINE_FIX}, or pass --data-dir "
+                f"to a folder that holds it as {dest_dir.name}/{name}"
             )
     return out
 

@@ -158,6 +158,11 @@ class BatchLoader:
         """Use epoch ``epoch``'s order and augmentation (call before iterating)."""
         self.epoch = int(epoch)
 
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch (before views): what a stage's memory bank (CRD) is sized by."""
+        return len(self._targets)
+
     def __len__(self) -> int:
         """Number of batches per epoch (the same on every rank)."""
         n = len(self._targets)

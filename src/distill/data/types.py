@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 import torch
 
 
+#: the target of a training sample without a label (an unlabelled transfer set, ``data.labelled``):
+#: label losses skip it (PyTorch's cross-entropy ``ignore_index``), teacher terms read it
+UNLABELLED = -100
+
+
 @dataclass
 class ArrayDataset:
     """Samples held as tensors.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill.losses.registry import register_loss
+from distill.losses.registry import register_loss, shapes_example
 
 
 def _check_maps(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -29,7 +29,7 @@ def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return feature.abs().pow(p).mean(dim=1)
 
 
-@register_loss("at", inputs=("student", "teacher"))
+@register_loss("at", inputs=("student", "teacher"), example=shapes_example((8, 3, 8, 8), (8, 5, 4, 4)))
 def at_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """Squared difference of L2-normalised spatial attention maps.
 

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from distill.losses.registry import register_loss
 
 
-@register_loss("bce", inputs=("student", "labels"))
+def _example(generator: torch.Generator) -> dict:
+    """Scores ``[4, 12]`` and labels of the same shape: positives (1), negatives (0), unlabelled (-1)."""
+    return {"student": torch.randn(4, 12, generator=generator) * 2,
+            "labels": torch.randint(-1, 2, (4, 12), generator=generator).float()}
+
+
+@register_loss("bce", inputs=("student", "labels"), example=_example)
 def bce_loss(student_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """BCE of logits ``[B, L]`` (any shape) against labels of the same shape, mean over labelled entries.
 

@@ -18,7 +18,16 @@ from distill.losses.centernet import head_outputs
 from distill.losses.registry import register_loss
 
 
-@register_loss("box_kd", inputs=("student", "teacher"))
+def _example(generator: torch.Generator) -> dict:
+    """Teacher ``[heatmap [2, 3, 8, 8], size, offset]``, student ``[size, offset]`` (``[2, 2, 8, 8]`` each);
+    the student at a match is the teacher's size and offset."""
+    size, offset = 4 * torch.rand(2, 2, 8, 8, generator=generator), torch.rand(2, 2, 8, 8, generator=generator)
+    teacher = [torch.randn(2, 3, 8, 8, generator=generator), size, offset]
+    student = [4 * torch.rand(2, 2, 8, 8, generator=generator), torch.rand(2, 2, 8, 8, generator=generator)]
+    return {"student": student, "teacher": teacher, "student_at_match": [size.clone(), offset.clone()]}
+
+
+@register_loss("box_kd", inputs=("student", "teacher"), example=_example)
 def box_kd_loss(
     student_outputs: list[torch.Tensor],
     teacher_outputs: list[torch.Tensor],

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from distill.losses.registry import register_loss
+from distill.losses.registry import register_loss, shapes_example
 
 
 def _correlation(x: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
@@ -25,7 +25,7 @@ def _correlation(x: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
     return corr
 
 
-@register_loss("cc", inputs=("student", "teacher"))
+@register_loss("cc", inputs=("student", "teacher"), example=shapes_example((8, 7), (8, 4, 3)))
 def cc_loss(
     student_feature: torch.Tensor,
     teacher_feature: torch.Tensor,

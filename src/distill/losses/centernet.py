@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from distill.boxes import encode_targets, gather_cells, unpack_targets
 from distill.losses.registry import register_loss
-from distill.tasks.detection import encode_targets, gather_cells, unpack_targets
 
 
 def head_outputs(value, count: int, loss: str, taps: str) -> list[torch.Tensor]:
@@ -18,6 +18,23 @@ def head_outputs(value, count: int, loss: str, taps: str) -> list[torch.Tensor]:
         got = "one tensor" if isinstance(value, torch.Tensor) else f"{len(value)} tensors"
         raise ValueError(f"{loss} reads {count} head outputs, got {got}; tap them as {taps}")
     return list(value)
+
+
+def example_target() -> dict[str, torch.Tensor]:
+    """A target dict for two 32×32 images (8×8 maps at stride 4, 3 classes): two boxes in the first,
+    one in the second (its second row is padding)."""
+    return {
+        "boxes": torch.tensor([[[2.0, 3.0, 14.0, 17.0], [18.0, 6.0, 30.0, 28.0]], [[5.0, 5.0, 20.0, 25.0], [0.0] * 4]]),
+        "labels": torch.tensor([[0, 2], [1, 0]]),
+        "mask": torch.tensor([[True, True], [True, False]]),
+    }
+
+
+def _example(generator: torch.Generator) -> dict:
+    """Head outputs ``[heatmap [2, 3, 8, 8], size [2, 2, 8, 8], offset [2, 2, 8, 8]]`` and :func:`example_target`."""
+    heads = [torch.randn(2, 3, 8, 8, generator=generator), 4 * torch.rand(2, 2, 8, 8, generator=generator),
+             torch.rand(2, 2, 8, 8, generator=generator)]
+    return {"student": heads, "labels": example_target()}
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
@@ -37,7 +54,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, b
     return (pos.sum() + neg.sum()) / positive.sum().clamp_min(1)
 
 
-@register_loss("centernet", inputs=("student", "labels"))
+@register_loss("centernet", inputs=("student", "labels"), example=_example)
 def centernet_loss(
     outputs: list[torch.Tensor],
     target: dict[str, torch.Tensor],
@@ -54,8 +71,8 @@ def centernet_loss(
 
     ``outputs``: the student's ``[heatmap [B, K, H, W], size [B, 2, H, W], offset [B, 2, H, W]]``
     (the term's ``student: [heatmap, size, offset]``); ``target``: the batch's target dict
-    (:func:`distill.tasks.detection.unpack_targets`), boxes in input pixels, ``stride`` the heads'
-    output stride. Targets are built by :func:`~distill.tasks.detection.encode_targets`
+    (:func:`distill.boxes.unpack_targets`), boxes in input pixels, ``stride`` the heads'
+    output stride. Targets are built by :func:`~distill.boxes.encode_targets`
     (``min_overlap``, ``min_radius``: the Gaussian's radius rule); the L1
     terms are read at each object's centre cell only, in output cells, averaged over objects and
     the two coordinates. Reduction: a scalar as described.

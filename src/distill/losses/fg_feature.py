@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from distill.boxes import unpack_targets
+from distill.losses.centernet import example_target
 from distill.losses.registry import register_loss
-from distill.tasks.detection import unpack_targets
 
 
 def foreground_weights(
@@ -47,7 +48,13 @@ def foreground_weights(
     return foreground, background
 
 
-@register_loss("fg_feature", inputs=("student", "teacher", "labels"), adapts=True)
+def _example(generator: torch.Generator) -> dict:
+    """Adapted student and teacher features ``[2, 4, 8, 8]`` (stride 4 on 32×32 images) and their boxes."""
+    student, teacher = (torch.randn(2, 4, 8, 8, generator=generator) for _ in range(2))
+    return {"student": student, "teacher": teacher, "labels": example_target()}
+
+
+@register_loss("fg_feature", inputs=("student", "teacher", "labels"), adapts=True, example=_example)
 def fg_feature_loss(
     student_feature: torch.Tensor,
     teacher_feature: torch.Tensor,

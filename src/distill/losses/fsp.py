@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses.registry import register_loss
+from distill.losses.registry import register_loss, shapes_example
 
 
 def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,10 @@ def _pair_shapes(shape, side: str) -> list[tuple[int, ...]]:
     return [tuple(s) for s in shape]
 
 
-@register_loss("fsp", inputs=("student", "teacher"), module=True)
+@register_loss(
+    "fsp", inputs=("student", "teacher"), module=True,
+    example=shapes_example([(8, 3, 4, 4), (8, 2, 4, 4)], [(8, 4, 4, 4), (8, 5, 4, 4)]),
+)
 class FSPLoss(nn.Module):
     """Squared Frobenius distance between student and teacher FSP matrices.
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill.losses.registry import register_loss
+from distill.losses.registry import register_loss, shapes_example
 
 
-@register_loss("heatmap_kd", inputs=("student", "teacher"))
+@register_loss("heatmap_kd", inputs=("student", "teacher"), example=shapes_example((2, 3, 8, 8), (2, 3, 8, 8)))
 def heatmap_kd_loss(
     student_heatmap: torch.Tensor,
     teacher_heatmap: torch.Tensor,

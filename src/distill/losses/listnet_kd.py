@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from distill.losses.registry import register_loss
 
 
-@register_loss("listnet_kd", inputs=("student", "teacher"))
+@register_loss(
+    "listnet_kd", inputs=("student", "teacher"),
+    exempt={"zero_at_match": "a cross-entropy: at the teacher it is the teacher's entropy (times T^2), its minimum"},
+)
 def listnet_kd_loss(
     student_scores: torch.Tensor,
     teacher_scores: torch.Tensor,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill.losses.registry import register_loss
+from distill.losses.registry import register_loss, shapes_example
 
 
-@register_loss("nst", inputs=("student", "teacher"))
+@register_loss("nst", inputs=("student", "teacher"), example=shapes_example((8, 3, 6, 6), (8, 5, 6, 6)))
 def nst_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
     """Squared MMD, with the polynomial kernel ``k(x, y) = (xᵀy)²``, between the channels.
 

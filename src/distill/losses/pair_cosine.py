@@ -10,7 +10,18 @@ import torch.nn.functional as F
 from distill.losses.registry import register_loss
 
 
-@register_loss("pair_cosine", inputs=("student", "labels"))
+def _example(generator: torch.Generator) -> dict:
+    """Embeddings ``[8, 5]`` of 4 sentence pairs; gold scores ``[4]``, the last pair unscored (nan)."""
+    scores = torch.rand(4, generator=generator) * 5
+    scores[-1] = float("nan")
+    return {"student": torch.randn(8, 5, generator=generator), "labels": scores}
+
+
+@register_loss(
+    "pair_cosine", inputs=("student", "labels"), example=_example,
+    exempt={"batch_order": "its rows are interleaved pairs ([2B, D] embeddings for B scores): "
+                           "permuting the rows breaks the pairs"},
+)
 def pair_cosine_loss(embeddings: torch.Tensor, scores: torch.Tensor, *, max_score: float = 5.0) -> torch.Tensor:
     """Squared error between ``cos(u_i, v_i)`` and ``scores[i] / max_score``.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.losses.registry import register_loss
+from distill.losses.registry import register_loss, shapes_example
 
 
 def _conditional_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -15,7 +15,7 @@ def _conditional_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:
     return kernel / kernel.sum(dim=1, keepdim=True)
 
 
-@register_loss("pkt", inputs=("student", "teacher"))
+@register_loss("pkt", inputs=("student", "teacher"), example=shapes_example((8, 7), (8, 4, 3)))
 def pkt_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """KL divergence between the teacher's and the student's sample-affinity distributions.
 

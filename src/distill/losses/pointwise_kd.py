@@ -10,7 +10,11 @@ import torch.nn.functional as F
 from distill.losses.registry import register_loss
 
 
-@register_loss("pointwise_kd", inputs=("student", "teacher"))
+@register_loss(
+    "pointwise_kd", inputs=("student", "teacher"),
+    exempt={"zero_at_match": "a binary cross-entropy: at the teacher it is the entropy of the teacher's "
+                             "probabilities (times T^2), its minimum"},
+)
 def pointwise_kd_loss(
     student_scores: torch.Tensor,
     teacher_scores: torch.Tensor,

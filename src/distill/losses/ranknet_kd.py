@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from distill.losses.registry import register_loss
 
 
-@register_loss("ranknet_kd", inputs=("student", "teacher"))
+@register_loss(
+    "ranknet_kd", inputs=("student", "teacher"),
+    exempt={"zero_at_match": "a cross-entropy of pair probabilities: at the teacher it is their entropy, its minimum"},
+)
 def ranknet_kd_loss(
     student_scores: torch.Tensor,
     teacher_scores: torch.Tensor,

@@ -86,7 +86,20 @@ def rd_weights(
     return columns, weights
 
 
-@register_loss("rd", inputs=("student", "teacher", "labels"))
+def _example(generator: torch.Generator) -> dict:
+    """Scores ``[4, 12]`` of 12 candidates for 4 users; candidate 0 is each user's observed positive,
+    the rest sampled negatives (0) or unlabelled (-1)."""
+    labels = torch.randint(-1, 1, (4, 12), generator=generator)
+    labels[:, 0] = 1
+    student, teacher = (torch.randn(4, 12, generator=generator) * 2 for _ in range(2))
+    return {"student": student, "teacher": teacher, "labels": labels}
+
+
+@register_loss(
+    "rd", inputs=("student", "teacher", "labels"), example=_example,
+    exempt={"zero_at_match": "the teacher only picks which of the student's scores to raise: "
+                             "-log sigmoid(s) at the teacher's top items is positive whatever s is"},
+)
 def rd_loss(
     student_scores: torch.Tensor,
     teacher_scores: torch.Tensor,

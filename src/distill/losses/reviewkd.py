@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses.registry import register_loss
+from distill.losses.registry import register_loss, shapes_example
 
 HCL_LEVELS = (4, 2, 1)
 
@@ -95,7 +95,11 @@ def _stage_shapes(shape, side: str) -> list[tuple[int, ...]]:
     return [tuple(s) for s in shape]
 
 
-@register_loss("reviewkd", inputs=("student", "teacher"), module=True)
+@register_loss(
+    "reviewkd", inputs=("student", "teacher"), module=True,
+    example=shapes_example([(8, 3, 8, 8), (8, 4, 4, 4)], [(8, 5, 8, 8), (8, 6, 4, 4)]),
+    exempt={"zero_at_match": "the fusion blocks transform the student's features before they are compared"},
+)
 class ReviewKDLoss(nn.Module):
     """Knowledge review with ABF fusion and the hierarchical context loss.
 

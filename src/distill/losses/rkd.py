@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill.losses.registry import register_loss
+from distill.losses.registry import register_loss, shapes_example
 
 
 def _differences(x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def _angle_cosines(diff: torch.Tensor) -> torch.Tensor:
     return unit @ unit.transpose(1, 2)
 
 
-@register_loss("rkd", inputs=("student", "teacher"))
+@register_loss("rkd", inputs=("student", "teacher"), example=shapes_example((8, 7), (8, 4, 3)))
 def rkd_loss(
     student_feature: torch.Tensor,
     teacher_feature: torch.Tensor,

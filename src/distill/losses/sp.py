@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill.losses.registry import register_loss
+from distill.losses.registry import register_loss, shapes_example
 
 
-@register_loss("sp", inputs=("student", "teacher"))
+@register_loss("sp", inputs=("student", "teacher"), example=shapes_example((8, 7), (8, 4, 3)))
 def sp_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
     """``‖G_s − G_t‖²_F / B²`` with ``G = F Fᵀ`` row-wise L2-normalised.
 

@@ -398,7 +398,17 @@ _COMMON = """
     :mod:`distill.losses.token_divergences`."""
 
 
-@register_loss("token_fkl", inputs=("student", "teacher", "mask"))
+def _example(generator: torch.Generator) -> dict:
+    """Student and teacher logits ``[2, 5, 11]``, token ids ``[2, 5]``, and a mask that leaves out the
+    last two positions of the second sequence (padding)."""
+    student, teacher = (torch.randn(2, 5, 11, generator=generator) * 2 for _ in range(2))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, -2:] = False
+    return {"student": student, "teacher": teacher, "labels": torch.randint(0, 11, (2, 5), generator=generator),
+            "mask": mask}
+
+
+@register_loss("token_fkl", inputs=("student", "teacher", "mask"), example=_example)
 def token_fkl_loss(
     student_logits: torch.Tensor,
     teacher_logits,
@@ -413,7 +423,7 @@ def token_fkl_loss(
                             chunk_tokens=chunk_tokens, vocab_size=vocab_size, topk=topk, kl_family=True)
 
 
-@register_loss("token_rkl", inputs=("student", "teacher", "mask"))
+@register_loss("token_rkl", inputs=("student", "teacher", "mask"), example=_example)
 def token_rkl_loss(
     student_logits: torch.Tensor,
     teacher_logits,
@@ -428,7 +438,7 @@ def token_rkl_loss(
                             chunk_tokens=chunk_tokens, vocab_size=vocab_size, topk=topk, kl_family=True)
 
 
-@register_loss("token_gjsd", inputs=("student", "teacher", "mask"))
+@register_loss("token_gjsd", inputs=("student", "teacher", "mask"), example=_example)
 def token_gjsd_loss(
     student_logits: torch.Tensor,
     teacher_logits,
@@ -457,7 +467,7 @@ def token_gjsd_loss(
                             kl_family=True)
 
 
-@register_loss("token_tvd", inputs=("student", "teacher", "mask"))
+@register_loss("token_tvd", inputs=("student", "teacher", "mask"), example=_example)
 def token_tvd_loss(
     student_logits: torch.Tensor,
     teacher_logits,
@@ -479,7 +489,7 @@ def _check_alpha(name: str, alpha: float) -> float:
     return float(alpha)
 
 
-@register_loss("token_skl", inputs=("student", "teacher", "mask"))
+@register_loss("token_skl", inputs=("student", "teacher", "mask"), example=_example)
 def token_skl_loss(
     student_logits: torch.Tensor,
     teacher_logits,
@@ -499,7 +509,7 @@ def token_skl_loss(
                             kl_family=True)
 
 
-@register_loss("token_srkl", inputs=("student", "teacher", "mask"))
+@register_loss("token_srkl", inputs=("student", "teacher", "mask"), example=_example)
 def token_srkl_loss(
     student_logits: torch.Tensor,
     teacher_logits,
@@ -518,7 +528,7 @@ def token_srkl_loss(
                             kl_family=True)
 
 
-@register_loss("token_ce", inputs=("student", "labels", "mask"))
+@register_loss("token_ce", inputs=("student", "labels", "mask"), example=_example)
 def token_ce_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses.registry import register_loss
+from distill.losses.registry import register_loss, shapes_example
 
 
 def _single_shape(shape, side: str) -> tuple[int, ...]:
@@ -31,7 +31,12 @@ def _single_shape(shape, side: str) -> tuple[int, ...]:
     return shape
 
 
-@register_loss("vid", inputs=("student", "teacher"), module=True)
+@register_loss(
+    "vid", inputs=("student", "teacher"), module=True,
+    example=shapes_example((8, 3, 8, 8), (8, 5, 4, 4)),
+    exempt={"zero_at_match": "a Gaussian negative log-likelihood through a learned regressor of the student: "
+                             "equal features leave the regressor's error and the term 0.5 log(sigma^2)"},
+)
 class VIDLoss(nn.Module):
     """Gaussian negative log-likelihood of the teacher feature given the student feature.
 

@@ -14,6 +14,7 @@ import importlib
 import inspect
 import operator
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -144,20 +145,60 @@ def _check_options(
         )
 
 
+def _import_module(name: str) -> Any:
+    """``importlib.import_module(name)``; when that fails, once more with the working directory
+    first on ``sys.path`` (the ``distill`` console script does not put it there, unlike
+    ``python -m``), so ``my_nets:Student`` finds ``./my_nets.py`` without ``PYTHONPATH=.``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as first:
+        cwd = os.getcwd()
+        if _top_level_missing(first, name) and not any(_same_dir(p, cwd) for p in sys.path):
+            sys.path.insert(0, cwd)
+            importlib.invalidate_caches()
+            try:
+                return importlib.import_module(name)
+            except ImportError:
+                sys.path.remove(cwd)
+                raise first from None
+        raise
+
+
+def _top_level_missing(err: ImportError, name: str) -> bool:
+    """The import failed because the module (or a package above it) is not found, not because
+    something it imports is missing."""
+    missing = getattr(err, "name", None)
+    return isinstance(err, ModuleNotFoundError) and (missing == name or name.startswith(f"{missing}."))
+
+
+def _same_dir(entry: str, cwd: str) -> bool:
+    try:
+        return os.path.realpath(entry or os.curdir) == os.path.realpath(cwd)
+    except (TypeError, ValueError):
+        return False
+
+
+CALLABLE_CONTRACT = (
+    "the callable receives the keyword arguments num_classes and input_shape (when its signature "
+    "names them) plus the recipe's kwargs, and returns an nn.Module"
+)
+
+
 def _import_callable(spec: str) -> Callable[..., Any]:
     module_name, _, attr_path = spec.partition(":")
     module_name, attr_path = module_name.strip(), attr_path.strip()
     if not module_name or not attr_path:
         raise DistillError(
             f"model '{spec}': a custom model is written 'package.module:callable', "
-            "e.g. 'my_project.nets:make_student'"
+            f"e.g. 'my_project.nets:make_student'; {CALLABLE_CONTRACT}"
         )
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = _import_module(module_name)
     except ImportError as err:
         raise DistillError(
-            f"model '{spec}': cannot import module '{module_name}' ({err}); is it installed or on "
-            "PYTHONPATH?"
+            f"model '{spec}': cannot import module '{module_name}' ({err}); is it installed, on "
+            f"PYTHONPATH, or a file in the working directory ({os.getcwd()})? {CALLABLE_CONTRACT[0].upper()}"
+            f"{CALLABLE_CONTRACT[1:]}"
         ) from err
     for i, part in enumerate(attr_path.split(".")):
         try:
@@ -171,7 +212,9 @@ def _import_callable(spec: str) -> Callable[..., Any]:
                 f"model '{spec}': '{owner}' has no attribute '{part}'{hint}"
             ) from None
     if not callable(obj):
-        raise DistillError(f"model '{spec}': '{attr_path}' is a {type(obj).__name__}, not callable")
+        raise DistillError(
+            f"model '{spec}': '{attr_path}' is a {type(obj).__name__}, not callable; {CALLABLE_CONTRACT}"
+        )
     return obj
 
 

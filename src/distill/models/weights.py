@@ -34,14 +34,78 @@ def _looks_like_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def _directory_message(path: Path) -> str:
+    """Weights given as a folder: say a file is needed, and name the weight files it holds."""
+    try:
+        found = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    except OSError:
+        found = []
+    hint = ""
+    if found:
+        more = f" (and {len(found) - _SHOWN} more)" if len(found) > _SHOWN else ""
+        hint = f"; it holds {', '.join(found[:_SHOWN])}{more}, e.g. {path / found[0]}"
+    return (f"weights {path} is a directory; give the weights file itself (a .safetensors or .pt file, "
+            f"such as a run's teacher.safetensors or student.safetensors){hint}")
+
+
+SHIPPED = "shipped:"  # ``teacher.weights: shipped:NAME`` names a teacher that comes with distill
+
+
+def shipped_teachers() -> dict[str, dict]:
+    """The teachers that come with distill (``distill/teachers/NAME.json`` manifests, made by
+    ``benchmarks/teachers.py``): name -> manifest (file, sha256, model, kwargs, test accuracy, command)."""
+    import json
+    from importlib import resources
+
+    folder = resources.files("distill") / "teachers"
+    if not folder.is_dir():
+        return {}
+    return {p.name[:-5]: json.loads(p.read_text()) for p in sorted(folder.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".json")}
+
+
+def resolve_weights(path: str | os.PathLike[str]) -> Path:
+    """The file of a weights reference: a path, or ``shipped:NAME`` (a teacher that comes with
+    distill; its SHA-256 is checked against its manifest)."""
+    text = str(path)
+    if not text.startswith(SHIPPED):
+        return Path(text).expanduser()
+    from importlib import resources
+
+    from distill.errors import nearest
+
+    name = text[len(SHIPPED):]
+    known = shipped_teachers()
+    if name not in known:
+        near = nearest(name, list(known)) or list(known)
+        raise DistillError(f"no shipped teacher '{name}'; shipped: {', '.join(near)}")
+    manifest = known[name]
+    file = Path(str(resources.files("distill") / "teachers" / manifest["file"]))
+    import hashlib
+
+    digest = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None
+    if digest != manifest["sha256"]:
+        raise DistillError(
+            f"shipped teacher '{name}': {file} is {'missing' if digest is None else 'damaged (SHA-256 ' + digest + ')'}, "
+            f"expected SHA-256 {manifest['sha256']}; reinstall distill"
+        )
+    return file
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a weights file, on the CPU, as ``{name: tensor}``.
 
     ``.safetensors`` files are read directly; anything else goes through
     ``torch.load(weights_only=True)``, and a dict holding the state dict under ``"state_dict"``
-    or ``"model"`` is unwrapped. Raises :class:`DistillError` for a missing or unreadable file.
+    or ``"model"`` is unwrapped. ``shipped:NAME`` reads a teacher that comes with distill.
+    Raises :class:`DistillError` for a missing or unreadable file.
     """
-    path = Path(path).expanduser()
+    path = resolve_weights(path)
+    if path.is_dir():
+        raise DistillError(_directory_message(path))
     if not path.is_file():
         raise DistillError(f"weights file not found: {path}")
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):

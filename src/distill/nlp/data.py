@@ -81,7 +81,11 @@ def read_labelled_tsv(path: str | Path) -> TextDataset:
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\n").split("\t")
         if header[:1] != ["sentence"] or header[-1:] != ["label"]:
-            raise DistillError(f"{path}: expected a 'sentence<TAB>label' header, got {header}")
+            first = "\t".join(header)
+            shown = repr(first[:60]) + ("..." if len(first) > 60 else "")
+            raise DistillError(
+                f"{path}: the first line must be the header 'sentence<TAB>label' (add it above the rows), got {shown}"
+            )
         for number, line in enumerate(f, start=2):
             line = line.rstrip("\n")
             if not line:

@@ -65,6 +65,6 @@ def predict(
     model: nn.Module, loader, feed: TextFeed | None = None, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[N, C]`` and targets ``[N]`` of ``model`` over ``loader``, in eval mode, on CPU."""
-    from distill.tasks.classification import predict as predict_classes
+    from distill.metrics import predict as predict_classes
 
     return predict_classes(model, loader, device, feed=feed or TextFeed())

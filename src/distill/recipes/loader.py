@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import difflib
+import types
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from distill.errors import DistillError
 from distill.recipes.schema import Recipe
@@ -55,6 +58,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         raise DistillError(f"--set {key}: value '{raw}' is not valid YAML") from None
+    apply_override_value(data, key, value)
+
+
+def apply_override_value(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``value`` at the dotted path ``key`` of nested ``data`` in place (sections are created)."""
     parts = key.split(".")
     node: Any = data
     for i, part in enumerate(parts):
@@ -78,22 +86,138 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             raise DistillError(f"--set {key}: '{'.'.join(parts[:i])}' is a value, not a section")
 
 
-def format_validation_error(exc: ValidationError, where: str) -> str:
+def _flatten(annotation: Any) -> list[Any]:
+    """The types an annotation allows: ``Annotated`` and ``Optional`` unwrapped, unions split."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _flatten(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [t for arg in get_args(annotation) for t in _flatten(arg)]
+    return [] if annotation is type(None) else [annotation]
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _walk(loc: tuple) -> tuple[list[str], list[type[BaseModel]]]:
+    """The parts of ``loc`` a user wrote (pydantic's union tags such as ``list[str]`` dropped), and
+    the models that hold its last part (for an unknown field: where its valid names come from)."""
+    current: list[Any] = [Recipe]
+    shown: list[str] = []
+    holders: list[type[BaseModel]] = [Recipe]
+    for i, part in enumerate(loc):
+        holders = [t for t in current if _is_model(t)]
+        following: list[Any] = []
+        for t in current:
+            origin, args = get_origin(t), get_args(t)
+            if _is_model(t) and isinstance(part, str) and part in t.model_fields:
+                following += _flatten(t.model_fields[part].annotation)
+            elif origin in (list, tuple, set, frozenset) and isinstance(part, int):
+                following += _flatten(args[0]) if args else [Any]
+            elif origin is dict and isinstance(part, str):
+                following += _flatten(args[1]) if len(args) == 2 else [Any]
+        if following or (i == len(loc) - 1 and holders):
+            shown.append(str(part))  # a field, an index, or the unknown field's own name
+        current = following or current  # an unmatched part is a union member's tag: skip it
+    return shown, holders
+
+
+def _close_fields(name: str, holders: list[type[BaseModel]]) -> tuple[list[str], list[str]]:
+    """The valid field names at an unknown field's place, and those close to ``name``."""
+    fields = sorted({f for model in holders for f, info in model.model_fields.items()
+                     if not info.exclude})  # excluded fields (train.seed, ...) are set by the run
+    return fields, difflib.get_close_matches(str(name), fields, n=3, cutoff=0.6)
+
+
+def _echo(error: dict, inherited: Mapping[tuple, set[str]], messages: Mapping[tuple, set[str]]) -> bool:
+    """Whether ``error`` is in a stage's ``train:`` and repeats the top-level ``train:``'s own error
+    about a value the stage took over from it (see :func:`merge_stage_trains`)."""
+    loc = tuple(error["loc"])
+    for stage, keys in inherited.items():
+        rest = loc[len(stage):]
+        if loc[: len(stage)] == stage and (not rest or rest[0] in keys):
+            if error["msg"] in messages.get(("train", *rest), ()):
+                return True
+    return False
+
+
+def format_validation_error(
+    exc: ValidationError, where: str, inherited: Mapping[tuple, set[str]] | None = None
+) -> str:
+    """Every problem of ``exc`` on one line: ``where: path: problem; path: problem``.
+
+    An unknown field names the nearest valid ones; a "Field required" that the misspelling of the
+    same field explains is not repeated. ``inherited`` (from :func:`merge_stage_trains`) drops the
+    errors of a stage's ``train:`` that only repeat the top-level ``train:``'s, which are reported.
+    """
     errors = exc.errors()
-    first = errors[0]
-    path = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown field (check the spelling)"
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return f"{where}: field '{path}': {message}{more}"
+    messages: dict[tuple, set[str]] = {}
+    for e in errors:
+        messages.setdefault(tuple(e["loc"]), set()).add(e["msg"])
+    errors = [e for e in errors if not _echo(e, inherited or {}, messages)]
+    explained: set[tuple] = set()  # missing fields that a misspelled sibling stands for
+    for e in errors:
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            _, holders = _walk(tuple(e["loc"]))
+            _, close = _close_fields(e["loc"][-1], holders)
+            explained.update((*e["loc"][:-1], name) for name in close[:1])
+    problems: dict[str, list[str]] = {}
+    for e in errors:
+        loc = tuple(e["loc"])
+        if e["type"] == "missing" and loc in explained:
+            continue
+        shown, holders = _walk(loc)
+        if e["type"] == "extra_forbidden" and loc:
+            fields, close = _close_fields(loc[-1], holders)
+            message = (f"unknown field; nearest: {', '.join(close)}" if close
+                       else f"unknown field; valid here: {', '.join(fields)}")
+        else:
+            message = e["msg"]
+            for prefix in ("Value error, ", "Assertion failed, "):
+                message = message.removeprefix(prefix)
+        listed = problems.setdefault(".".join(shown), [])
+        if message not in listed:
+            listed.append(message)
+    parts = [f"{path}: {' or '.join(msgs)}" if path else " or ".join(msgs) for path, msgs in problems.items()]
+    count = f"{len(parts)} problems: " if len(parts) > 1 else ""
+    return f"{where}: {count}{'; '.join(parts)}"
+
+
+def _stage_trains(data: dict[str, Any]) -> list[tuple[tuple, dict[str, Any]]]:
+    """``(loc, section)`` of every mapping whose ``train:`` is a partial override of ``train:``:
+    baseline, distill and each assistant (the teacher and ensemble members have their own)."""
+    found = [((name,), data.get(name)) for name in ("baseline", "distill")]
+    assistants = data.get("assistants")
+    if isinstance(assistants, list):
+        found += [(("assistants", i), a) for i, a in enumerate(assistants)]
+    return [(loc, section) for loc, section in found if isinstance(section, dict)]
+
+
+def merge_stage_trains(data: dict[str, Any]) -> dict[tuple, set[str]]:
+    """Fill each stage's ``train:`` (baseline, distill, assistants) from the top-level ``train:``, in place.
+
+    A stage's ``train:`` overrides only the fields it gives; the rest are the recipe's ``train:``
+    (not :class:`TrainSpec`'s defaults), so ``--set distill.train.epochs=5`` changes the distilled
+    student's epochs and nothing else. A stage without ``train:`` (or ``train: null``) keeps using
+    ``train:`` itself. Returns ``{loc of the stage's train: keys taken over}``, for error reporting.
+    """
+    top = data.get("train")
+    if not isinstance(top, dict):
+        return {}
+    inherited: dict[tuple, set[str]] = {}
+    for loc, section in _stage_trains(data):
+        own = section.get("train")
+        if isinstance(own, dict):
+            inherited[(*loc, "train")] = {key for key in top if key not in own}
+            section["train"] = {**top, **own}
+    return inherited
 
 
 def validate_names(recipe: Recipe) -> None:
     """Check every named loss, model and data set exists before any work starts."""
     from distill.data import DATASETS
     from distill.losses import get_loss
-    from distill.models import MODELS
 
     from distill.tasks.base import get_task
 
@@ -106,9 +230,13 @@ def validate_names(recipe: Recipe) -> None:
         )
     task.validate(recipe)
     members = recipe.teacher.ensemble.members if recipe.teacher.ensemble else []
+    from distill.models.weights import SHIPPED, resolve_weights
+
     for spec in (recipe.teacher, recipe.student, *members, *recipe.assistants):
-        if ":" not in spec.model and recipe.task == "classification":  # other tasks have their own zoos
-            MODELS.get(spec.model)
+        if spec.weights is not None and spec.weights.startswith(SHIPPED):
+            resolve_weights(spec.weights)  # an unknown or damaged shipped teacher fails here, before any work
+    for spec in (recipe.teacher, recipe.student, *members, *recipe.assistants):
+        task.check_model_name(spec.model)  # each task knows its own zoo
     for stage in ("baseline", "distill"):
         for term in getattr(recipe, stage).terms:
             loss = get_loss(term.loss)
@@ -125,17 +253,22 @@ def validate_names(recipe: Recipe) -> None:
 
 
 def load_recipe(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load, override and validate a recipe (a path, a preset name, or a mapping)."""
+    """Load, override and validate a recipe (a path, a preset name, or a mapping).
+
+    The ``--set`` overrides are applied first, then each stage's ``train:`` is merged over the
+    top-level ``train:`` (see :func:`merge_stage_trains`), then the whole is validated.
+    """
     if isinstance(source, dict):
         data, where = copy.deepcopy(source), "recipe"
     else:
         data, where = read_yaml(source), f"recipe {source}"
     for assignment in overrides:
         apply_override(data, assignment)
+    inherited = merge_stage_trains(data)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise DistillError(format_validation_error(exc, where)) from None
+        raise DistillError(format_validation_error(exc, where, inherited)) from None
     if "terms" not in (data.get("baseline") or {}):  # the baseline trains on the task's own labels
         from distill.recipes.schema import TermSpec
         from distill.tasks.base import get_task

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from distill.train_config import TrainConfig
+
 
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
@@ -17,29 +19,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TrainSpec(Strict):
-    """How one model is trained (see :class:`distill.trainer.TrainConfig`)."""
+class TrainSpec(TrainConfig):
+    """A recipe's ``train:`` section: a :class:`distill.TrainConfig` (one type for recipes and the
+    API). ``seed`` and ``progress`` are set by the run (``seeds:``, ``--quiet``), not here."""
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "cosine", "step", "linear"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
-    milestones: list[int] = Field(default_factory=list)
-    gamma: float = Field(0.1, gt=0)
-    grad_accum: int = Field(1, ge=1)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    clip_grad_norm: float | None = Field(None, gt=0)
-    early_stopping_patience: int | None = Field(None, ge=1)
-    monitor: str = "val_accuracy"
-    monitor_mode: Literal["max", "min"] = "max"
-    restore_best: bool = False
-    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last is always saved)")
-    tensorboard: bool = Field(True, description="also log to TensorBoard when it is installed")
+    seed: int = Field(0, ge=0, exclude=True)
+    progress: bool = Field(True, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_owned(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            owned = {"seed": "seeds: [...] at the top of the recipe (or --seeds)", "progress": "--quiet"}
+            given = [k for k in owned if k in data]
+            if given:
+                raise ValueError("; ".join(f"train.{k} is set by the run: use {owned[k]}" for k in given))
+        return data
 
 
 class AugmentSpec(Strict):
@@ -58,6 +53,11 @@ class DataSpec(Strict):
     )
     val_fraction: float = Field(0.0, ge=0, lt=1)
     train_subset: int | None = Field(None, ge=1, description="use only this many training samples")
+    labelled: int | None = Field(
+        None, ge=1,
+        description="keep the labels of only this many training samples (validation is carved from them); "
+        "the rest is an unlabelled transfer set that only the teacher terms read",
+    )
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     eval_batch_size: int = Field(1024, ge=1)
 
@@ -91,6 +91,7 @@ class MemberSpec(ModelSpec):
     """One more teacher of an ensemble: loaded (``weights``) or trained by the run (``train``)."""
 
     train: TrainSpec | None = None
+    finetune: bool = Field(False, description="train the loaded 'weights' further with 'train'")
 
     @model_validator(mode="after")
     def _source(self) -> "MemberSpec":
@@ -130,9 +131,13 @@ class GateSpec(Strict):
 
 
 class TeacherSpec(ModelSpec):
-    """A teacher: trained by the run (``train``), loaded (``weights``), or used as built (``pretrained``)."""
+    """A teacher: trained by the run (``train``), loaded (``weights``), or used as built (``pretrained``).
+
+    Given ``weights``, the teacher is loaded and not trained, even when ``train`` is also set (a
+    preset's schedule, say): fine-tuning loaded weights is asked for with ``finetune: true``."""
 
     train: TrainSpec | None = None
+    finetune: bool = Field(False, description="train the loaded 'weights' further with 'train'")
     pretrained: bool = Field(
         False,
         description="the model as built is already trained (e.g. model: hf from kwargs.name_or_path): use it "
@@ -187,6 +192,22 @@ class BaselineSpec(StageSpec):
     terms: list[TermSpec] = Field(default_factory=lambda: [TermSpec(name="ce", loss="ce")])
 
 
+class PilotSpec(Strict):
+    """The pilot (:mod:`distill.pilot`): choose temperature and term weights on a validation split
+    carved from the training data, within a share of the run's training budget."""
+
+    enabled: bool = True
+    budget: float = Field(0.25, gt=0, le=1, description="share of the run's student training epochs the pilot spends")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="validation split carved from training (when data.val_fraction is 0)")
+    min_val_samples: int = Field(200, ge=1, description="refuse a validation split smaller than this")
+    temperatures: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [1.0, 2.0, 4.0], min_length=1,
+        description="tried for every term whose loss takes a temperature")
+    teacher_weights: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=lambda: [0.5, 0.9], min_length=1,
+        description="the teacher terms' share of the total weight (the label terms keep the rest)")
+
+
 class EvaluateSpec(Strict):
     latency: bool = True
     latency_repeats: int = Field(50, ge=1)
@@ -211,6 +232,7 @@ class Recipe(Strict):
         "with the distill stage's terms",
     )
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    pilot: PilotSpec | None = Field(None, description="choose the distill stage's settings on validation data first")
     task_options: dict[str, Any] = Field(
         default_factory=dict, description="options of the task (see its module), e.g. causal-lm's on_policy"
     )
@@ -222,6 +244,8 @@ class Recipe(Strict):
                 "teacher needs 'weights' (a file to load), 'train' (how to train it) or 'pretrained: true' "
                 "(use the model as built)"
             )
+        if self.teacher.finetune and (self.teacher.weights is None or self.teacher.train is None):
+            raise ValueError("teacher.finetune trains loaded weights further: it needs teacher.weights and teacher.train")
         if self.teacher.pretrained and self.teacher.train is not None:
             raise ValueError("teacher.pretrained uses the teacher as-is: drop teacher.train (or pretrained)")
         if not self.seeds:

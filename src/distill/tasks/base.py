@@ -31,6 +31,8 @@ class Task:
     label_term: dict = {"name": "ce", "loss": "ce"}
     #: whether a teacher cache (``teacher.cache``) can serve this task's batches
     supports_cache = False
+    #: whether ``data.labelled`` (labels for only some training samples) is available
+    supports_transfer_set = False
     feed: Feed = staticmethod(default_feed)
     #: metrics besides the primary one that the report shows as columns (e.g. ``("perplexity",)``)
     report_metrics: tuple[str, ...] = ()
@@ -43,6 +45,10 @@ class Task:
         if recipe.task_options:
             raise DistillError(f"task '{self.name}' takes no task_options (got {', '.join(recipe.task_options)})")
 
+    def check_model_name(self, name: str) -> None:
+        """Raise a :class:`DistillError` (naming the nearest) when ``name`` is no model of this task;
+        by default every name is left to :meth:`build_model`."""
+
     def prepare(self, recipe, data_dir) -> Any:
         """Load the data once for the whole run; returns an object with ``train`` (the training
         set, whose ``len`` is the number of samples) and ``val_loader`` (or ``None``)."""
@@ -52,8 +58,10 @@ class Task:
         """One line about the data, for the run's log."""
         return f"{len(prepared.train)} training samples"
 
-    def train_loader(self, recipe, prepared, batch_size: int, seed: int):
-        """Batches of the training set for one stage (with ``set_epoch`` and ``len``)."""
+    def train_loader(self, recipe, prepared, batch_size: int, seed: int, labelled_only: bool = False):
+        """Batches of the training set for one stage (with ``set_epoch`` and ``len``).
+        ``labelled_only``: only the samples that have labels, for stages that do not read a teacher
+        (the teacher itself, the student alone) when the data has an unlabelled transfer set."""
         raise NotImplementedError
 
     def build_model(self, spec, prepared, seed: int) -> nn.Module:
@@ -75,6 +83,16 @@ class Task:
         """One sample (batch 1) to time the models on, or ``None`` to skip latency."""
         return None
 
+    def example_inputs(self, prepared, n: int) -> Any:
+        """``n`` real model inputs ``[n, ...]`` to check an export on, or ``None`` (random inputs of
+        the :meth:`latency_input` shape are used then)."""
+        return None
+
+    def labelled_test_batches(self, prepared) -> Any:
+        """Test batches ``{"input", "target"}`` whose top-1 accuracy means something (for int8
+        export's accuracy check), or ``None``."""
+        return None
+
     def latency_ms(self, model: nn.Module, prepared, repeats: int) -> float | None:
         """Median ms of one forward pass at batch 1 (``None``: not measured); by default on
         :meth:`latency_input`."""
@@ -84,6 +102,18 @@ class Task:
         from distill.measure import cpu_latency_ms
 
         return cpu_latency_ms(model, example, repeats=repeats)
+
+    def assess_teacher(self, recipe, teacher: nn.Module, prepared, metrics: dict[str, float], reference: Any):
+        """The teacher quality gate (``teacher.gate``) from the teacher's test ``metrics``: its
+        primary metric against ``min_accuracy`` now, against the student alone after the first
+        baseline. Returns a :class:`distill.quality.GateResult`; raises when it already failed."""
+        from distill.quality import teacher_gate
+
+        spec = recipe.teacher.gate
+        gate = teacher_gate(metrics[self.primary_metric], min_accuracy=spec.min_accuracy, enabled=spec.enabled,
+                            require_better_than_baseline=spec.require_better_than_baseline)
+        gate.raise_if_failed()
+        return gate
 
     def batch_transform(self, recipe, prepared, student: nn.Module, teacher: Any) -> Any:
         """A per-step transform ``(batch, generator) -> batch`` of a stage's training batches, applied

@@ -551,7 +551,7 @@ class CausalLMTask(Task):
                 + (f", {len(prepared.val)} validation" if prepared.val is not None else "")
                 + f", {len(prepared.data.test)} held-out; vocabulary {prepared.vocab_size}")
 
-    def train_loader(self, recipe, prepared: PreparedLM, batch_size: int, seed: int):
+    def train_loader(self, recipe, prepared: PreparedLM, batch_size: int, seed: int, labelled_only: bool = False):
         from distill.data import BatchLoader
 
         return BatchLoader(prepared.train, batch_size, shuffle=True, seed=seed,
@@ -560,7 +560,7 @@ class CausalLMTask(Task):
     def build_model(self, spec, prepared: PreparedLM, seed: int) -> nn.Module:
         self._check_spec(spec, "model")
         if spec.model != "hf":
-            from distill.pipeline import build_model
+            from distill.tasks.classification import build_model
 
             return build_model(spec, prepared.data, seed)
         from distill.nlp.hf import from_config, load_pretrained

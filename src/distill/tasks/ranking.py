@@ -377,28 +377,19 @@ def train_ranker(
     ``teacher`` is a ranker (run live through :func:`feed`), a :class:`ScoreTable`, or ``None``
     for the student alone; ``config`` a :class:`distill.TrainConfig` (its ``seed`` also seeds the
     negatives). ``evaluate_fn(student)`` runs after each epoch; its metrics are logged with a
-    ``val_`` prefix (set ``config.monitor``, e.g. ``"val_ndcg10"``, or ``restore_best=False``).
+    ``val_`` prefix (``restore_best`` and early stopping need ``config.monitor``, e.g. ``"val_ndcg10"``).
     ``check`` runs :meth:`Distiller.dry_run` on the first batch and raises on any problem it finds.
     Returns the trained student and the per-epoch metrics.
     """
-    from distill.objective import Distiller
-    from distill.trainer import Trainer
+    from distill.stage import assemble_stage
 
     loader = CandidateLoader(
         interactions, batch_size, negatives=negatives, seed=config.seed, teacher_top=teacher_top, on_epoch=on_epoch
     )
-    distiller = Distiller(student, teacher, list(terms), feed=feed)
-    if check:  # one batch through every term: a NaN, a zero or a missing gradient fails here, not at epoch 3
-        problems = distiller.dry_run(next(iter(loader))).problems
-        if problems:
-            raise DistillError(f"{name}: " + "; ".join(problems))
-    evaluate_distiller = None
-    if evaluate_fn is not None:
-        def evaluate_distiller(model: nn.Module) -> dict[str, float]:
-            return evaluate_fn(model.student)
-    trainer = Trainer(distiller, loader, config, evaluate=evaluate_distiller, run_dir=run_dir, name=name)
-    history = trainer.fit()
-    return distiller.export_student(), history
+    stage = assemble_stage(name, student, teacher, list(terms), feed=feed, loader=loader, config=config,
+                           evaluate=evaluate_fn)
+    # ``check``: one batch through every term, so a NaN, a zero or a missing gradient fails here, not at epoch 3
+    return stage.fit(run_dir=run_dir, check=check)
 
 
 # -- the task, for recipes (``task: ranking``) --------------------------------------------------
@@ -463,7 +454,7 @@ class RankingTask(Task):
             f"interactions, {len(inter.eval_users('test'))} test users (leave-one-out)"
         )
 
-    def train_loader(self, recipe, prepared: PreparedRanking, batch_size: int, seed: int) -> CandidateLoader:
+    def train_loader(self, recipe, prepared: PreparedRanking, batch_size: int, seed: int, labelled_only: bool = False) -> CandidateLoader:
         return CandidateLoader(prepared.interactions, batch_size, negatives=prepared.train_negatives, seed=seed)
 
     def build_model(self, spec, prepared: PreparedRanking, seed: int) -> nn.Module:
@@ -496,6 +487,9 @@ class RankingTask(Task):
         if reference is not None and split == "test":
             metrics["top10_overlap"] = top_k_overlap(score_all(model, num_users=inter.num_users), reference, inter.history())
         return metrics
+
+    def example_inputs(self, prepared: PreparedRanking, n: int) -> torch.Tensor:
+        return torch.arange(n) % prepared.interactions.num_users  # user ids: the model scores every item
 
     def latency_input(self, prepared: PreparedRanking) -> torch.Tensor:
         return torch.tensor([0])  # one user: the model scores every item

@@ -217,7 +217,7 @@ class SentenceEmbeddingTask(Task):
         return (f"{len(prepared.train)} training pairs ({scored} scored, {2 * (len(prepared.train) - scored)} "
                 f"unlabelled sentences), {len(prepared.test)} test pairs")
 
-    def train_loader(self, recipe, prepared: PreparedSentences, batch_size: int, seed: int) -> PairLoader:
+    def train_loader(self, recipe, prepared: PreparedSentences, batch_size: int, seed: int, labelled_only: bool = False) -> PairLoader:
         return PairLoader(prepared.train, prepared.tokenizer, batch_size, shuffle=True, seed=seed,
                           max_length=prepared.max_length, drop_last=len(prepared.train) > batch_size)
 

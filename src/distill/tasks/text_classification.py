@@ -45,7 +45,7 @@ from distill.data.splits import random_split, training_subset
 from distill.errors import DistillError
 from distill.signals import Batch
 from distill.tasks.base import TASKS, Task
-from distill.tasks.classification import classification_metrics
+from distill.metrics import classification_metrics
 
 MODELS = ("hf", "bilstm")
 DATA = ("sst2", "tsv")
@@ -342,14 +342,14 @@ class TextClassificationTask(Task):
                 + f", {len(prepared.data.test)} test sentences, {prepared.data.num_classes} classes; "
                 f"tokenizers: {sides}")
 
-    def train_loader(self, recipe, prepared: PreparedText, batch_size: int, seed: int):
+    def train_loader(self, recipe, prepared: PreparedText, batch_size: int, seed: int, labelled_only: bool = False):
         return prepared.loader("train", batch_size, shuffle=True, seed=seed)
 
     def build_model(self, spec, prepared: PreparedText, seed: int) -> nn.Module:
         return build_text_model(spec, prepared, seed, role=prepared.roles.get(spec_key(spec), "model"))
 
     def check_models(self, teacher: nn.Module, student: nn.Module, prepared: PreparedText) -> None:
-        from distill.pipeline import check_label_space
+        from distill.tasks.classification import check_label_space
 
         batch = prepared.loader("test", 2, shuffle=False).collate(torch.arange(min(2, len(prepared.data.test))))
         check_label_space(teacher, student, batch, feed, prepared.data)

@@ -1,0 +1,51 @@
+"""How a model is trained: one type for the Python API (``Trainer(..., TrainConfig(...))``) and for
+recipes (every ``train:`` section of a YAML recipe is a :class:`TrainConfig`).
+
+Unknown fields are errors, as everywhere in a recipe. ``seed`` and ``progress`` are set by
+``distill run`` for each of the recipe's ``seeds`` and from ``--quiet``; a recipe does not give them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainConfig(BaseModel):
+    """A training schedule: optimizer, learning rate and its schedule, precision, checkpoints,
+    early stopping."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1, description="samples per step (the loader's; the trainer reads its loader)")
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine", "step", "linear"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    clip_grad_norm: float | None = Field(None, gt=0)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    monitor: str | None = Field(
+        None,
+        description="the validation metric early stopping and restore_best follow; default: "
+        "val_<the task's primary metric> in a run, val_accuracy for a bare Trainer",
+    )
+    monitor_mode: Literal["max", "min"] = "max"
+    restore_best: bool = Field(False, description="end with the weights of the best validation epoch")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last is always saved)")
+    tensorboard: bool = Field(True, description="also log to TensorBoard when it is installed")
+    cpu: bool = Field(False, description="train on the CPU even when an accelerator is present")
+    seed: int = Field(0, ge=0, description="set by distill run for each of the recipe's seeds")
+    progress: bool = Field(True, description="set by distill run (--quiet turns it off)")
+
+    def monitored(self, default: str = "val_accuracy") -> str:
+        """The metric early stopping follows: ``monitor``, else ``default``."""
+        return self.monitor or default
