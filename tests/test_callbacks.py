@@ -177,7 +177,7 @@ def test_progress_shows_time_remaining_and_keeps_its_counters_at_80_columns():
     distiller = Distiller(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), None, terms)
     distiller.dry_run(next(iter(TinyLoader())))
     config = TrainConfig(**{**CFG, "progress": True, "epochs": 2})
-    Trainer(distiller, TinyLoader(), config, name="student-seed0-generation2", console=console,
+    Trainer(distiller, TinyLoader(), config, name="stage 12/40: student-seed0-generation2", console=console,
             evaluate=lambda m: {"accuracy": 0.5}).fit()
     lines = [ANSI.sub("", line) for line in re.split(r"[\r\n]", buffer.getvalue())]
     lines = [line for line in lines if line.strip()]
@@ -185,11 +185,31 @@ def test_progress_shows_time_remaining_and_keeps_its_counters_at_80_columns():
     for line in lines:
         assert len(line) <= 80, line
         # name (cut), bar, steps done of all, elapsed, remaining, then what fits of the information
-        assert re.match(r"^student-seed0-g… [━╸╺ ]{16} \d/8 \d:\d\d:\d\d (\d:\d\d:\d\d|-:--:--)"
+        assert re.match(r"^stage 12/40: student-… [━╸╺ ]{16} \d/8 \d:\d\d:\d\d (\d:\d\d:\d\d|-:--:--)"
                         r"( *$| epoch \d/2 loss)", line), line
-    assert lines[-1].startswith("student-seed0-g… ") and " 8/8 " in lines[-1] and lines[-1].endswith("…")
+    assert lines[-1].startswith("stage 12/40: student-… ") and " 8/8 " in lines[-1] and lines[-1].endswith("…")
 
 
 def test_describe_puts_the_loss_and_validation_metrics_first():
     assert describe(3, 10, {"hard": 0.5, "val_accuracy": 0.9, "loss": 1.25}) == (
         "epoch 3/10 loss 1.2500 val_accuracy 0.9000 hard 0.5000")
+
+
+def test_a_redirected_log_gets_plain_lines_with_the_time_left(monkeypatch):
+    """A log file (not a terminal) gets a dated line every PLAIN_EVERY seconds and at each epoch's
+    end, not a live bar that only shows when the stage ends."""
+    from distill.callbacks import ProgressDisplay
+
+    monkeypatch.setattr(ProgressDisplay, "PLAIN_EVERY", 0.0)
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200, force_terminal=False)
+    torch.manual_seed(0)
+    distiller = Distiller(nn.Sequential(nn.Linear(4, 3)), None, [Term("ce", "ce")])
+    config = TrainConfig(**{**CFG, "progress": True, "epochs": 2})
+    Trainer(distiller, TinyLoader(), config, name="baseline-seed0", console=console).fit()
+    lines = buffer.getvalue().splitlines()
+    assert lines[0] == "baseline-seed0: 2 epochs of 4 steps"
+    steps = [line for line in lines[1:] if re.match(r"^baseline-seed0: \d/8 steps, \d:\d\d:\d\d elapsed, "
+                                                     r"(\d:\d\d:\d\d|\?) left; epoch \d/2 loss", line)]
+    assert len(steps) == len(lines) - 1 >= 8 and "\x1b" not in buffer.getvalue()
+    assert steps[-1].startswith("baseline-seed0: 8/8 steps") and " 0:00:00 left" in steps[-1]

@@ -284,26 +284,42 @@ class ProgressDisplay(Callback):
     time elapsed and remaining, then information: the running mean of the loss and of each term
     (every 10 steps), and each epoch's metrics once it ends.
 
-    The name (at most 16 characters), the bar and the counters keep their width; the information
+    The name (at most 22 characters: the run's stage counter and the stage), the bar and the counters keep their width; the information
     takes what is left of the line and is cut with an ellipsis, so an 80-column terminal shows one
     stable line whatever the number of terms.
     """
 
     EVERY = 10  # steps between updates of the running means (each reads them from the device)
+    PLAIN_EVERY = 30.0  # seconds between plain lines when the output is a log file, not a terminal
 
     def __init__(self, console=None) -> None:
         self.console = console
         self._progress = None
         self._task = None
+        self._plain = False
+        self._last_line = 0.0
 
     def on_fit_start(self, run: FitState) -> None:
+        import time
+
+        from rich.console import Console
+
+        console = self.console or Console()
+        self._plain = not console.is_terminal  # a redirected log gets a dated line now and then
+        self._last_line = time.monotonic()
+        self._start = self._last_line
+        if self._plain:
+            self.console = console
+            self._total = (run.config.epochs - run.start_epoch) * run.steps
+            console.print(f"{run.name}: {run.config.epochs - run.start_epoch} epochs of {run.steps} steps", markup=False)
+            return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
         from rich.table import Column
 
         self._progress = Progress(
             TextColumn("[bold]{task.description}",
-                       table_column=Column(no_wrap=True, overflow="ellipsis", max_width=16)),
+                       table_column=Column(no_wrap=True, overflow="ellipsis", max_width=22)),
             BarColumn(bar_width=16),
             MofNCompleteColumn(table_column=Column(no_wrap=True)),
             TimeElapsedColumn(),
@@ -315,7 +331,24 @@ class ProgressDisplay(Callback):
         total = (run.config.epochs - run.start_epoch) * run.steps
         self._task = self._progress.add_task(run.name, total=total, info="")
 
+    def _line(self, run: FitState, done: int, info: str) -> None:
+        import time
+
+        now = time.monotonic()
+        self._last_line = now
+        elapsed = now - self._start
+        eta = elapsed / done * (self._total - done) if done else float("nan")
+        self.console.print(f"{run.name}: {done}/{self._total} steps, {_clock(elapsed)} elapsed, "
+                           f"{_clock(eta)} left; {info}", markup=False)
+
     def on_step_end(self, run: FitState) -> None:
+        if self._plain:
+            import time
+
+            if time.monotonic() - self._last_line >= self.PLAIN_EVERY:
+                done = run.step + 1 + (run.epoch - run.start_epoch) * run.steps
+                self._line(run, done, describe(run.epoch + 1, run.config.epochs, run.stats.means()))
+            return
         if run.step % self.EVERY == 0 or run.step == run.steps - 1:
             done = run.step + 1 + (run.epoch - run.start_epoch) * run.steps
             info = describe(run.epoch + 1, run.config.epochs, run.stats.means())
@@ -324,11 +357,21 @@ class ProgressDisplay(Callback):
     def on_epoch_end(self, run: FitState, row: dict[str, float]) -> None:
         values = {k.removeprefix("train_"): v for k, v in row.items() if k.startswith(("train_", "val_"))}
         done = (run.epoch + 1 - run.start_epoch) * run.steps
+        if self._plain:
+            self._line(run, done, describe(int(row["epoch"]), run.config.epochs, values))
+            return
         self._progress.update(self._task, completed=done, info=describe(int(row["epoch"]), run.config.epochs, values))
 
     def on_fit_end(self, run: FitState) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # nan: nothing done yet
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def describe(epoch: int, epochs: int, values: dict[str, float]) -> str:

@@ -72,6 +72,7 @@ class Run:
     ) -> None:
         self.recipe = recipe
         self.source = source  # how the user named the recipe (a file or preset), for suggested commands
+        self.stages_done = 0
         self.run_dir = Path(run_dir)
         self.data_dir = data_dir
         self.resume = resume
@@ -108,7 +109,20 @@ class Run:
     ) -> tuple[nn.Module, list[dict[str, float]]]:
         built = build_stage(recipe or self.recipe, self.task, prepared, name=name, student=model, teacher=teacher,
                             spec=stage, seed=seed, progress=self.progress, peers=peers, schedule=schedule)
-        return built.fit(run_dir=self.run_dir / "stages" / name, resume=self.resume, console=self.console)
+        self.stages_done += 1
+        label = f"stage {self.stages_done}/{self.stages_total()}: {name}"
+        return built.fit(run_dir=self.run_dir / "stages" / name, resume=self.resume, console=self.console,
+                         label=label)
+
+    def stages_total(self) -> int:
+        """How many stages the run trains (for the progress display's "stage 3/7")."""
+        recipe = self.recipe
+        total = 1 if teacher_training(recipe.teacher) is not None else 0
+        if recipe.teacher.ensemble is not None:
+            total += sum(teacher_training(m) is not None for m in recipe.teacher.ensemble.members)
+        total += len(recipe.assistants)
+        per_seed = int(recipe.baseline.enabled) + (recipe.distill.generations if recipe.distill.enabled else 0)
+        return total + per_seed * len(recipe.seeds)
 
     def _stage_done(self, name: str) -> dict | None:
         path = self.run_dir / "stages" / name / "result.json"

@@ -197,8 +197,9 @@ class Stage:
         return report
 
     def fit(self, *, run_dir: str | Path | None = None, resume: bool = False, console=None,
-            on_epoch_end=None, check: bool = True) -> tuple[nn.Module, list[dict[str, float]]]:
-        """Check, then train; returns the bare student and the per-epoch metrics."""
+            on_epoch_end=None, check: bool = True, label: str | None = None) -> tuple[nn.Module, list[dict[str, float]]]:
+        """Check, then train; returns the bare student and the per-epoch metrics. ``label`` is what
+        the progress display calls the stage (default: its name)."""
         from distill.trainer import Trainer
 
         if check:
@@ -210,7 +211,7 @@ class Stage:
 
         trainer = Trainer(
             self.distiller, self.loader, self.config, evaluate=evaluate, run_dir=run_dir,
-            name=self.name, batch_transform=self.transform, console=console, on_epoch_end=on_epoch_end,
+            name=label or self.name, batch_transform=self.transform, console=console, on_epoch_end=on_epoch_end,
         )
         history = trainer.fit(resume=resume)
         self.stopped_early = bool(getattr(trainer, "stopped_early", False))

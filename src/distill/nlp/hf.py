@@ -179,6 +179,11 @@ def load_pretrained(
         kwargs["num_labels"] = int(num_labels)
     if attentions:
         kwargs.setdefault("attn_implementation", "eager")
+    # transformers reports every head it initialises afresh ("MISSING classifier ..."): for a
+    # classifier built on an encoder that is expected (the head is trained with the student)
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on a run's log, per model
     try:
         model = auto.from_pretrained(source, **kwargs)
         tok = transformers.AutoTokenizer.from_pretrained(
@@ -189,6 +194,10 @@ def load_pretrained(
             "HF_HUB_OFFLINE", "") not in ("", "0") else ""
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DistillError(f"cannot load '{name_or_path}'{offline}: {first}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     return HFModel(model), tok
 
 
