@@ -222,3 +222,15 @@ def test_export_and_profile_of_a_ranking_run_go_through_its_task(tmp_path, capsy
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
     assert main(["profile", str(tmp_path / "run"), "--no-onnx", "--repeats", "2", "--batch", "4"]) == 0
     assert "student (mf)" in capsys.readouterr().out
+
+
+def test_the_verdict_says_when_the_distilled_stage_has_another_schedule(tmp_path):
+    """A stage's own train: may differ from the baseline's only when the recipe says so, and then
+    the report says it (issue: --set distill.train.epochs=5 silently changed the whole schedule)."""
+    data = classification_recipe(seeds=[0])
+    data["distill"]["train"] = {"epochs": 2}
+    results = run_recipe(load_recipe(data), tmp_path / "run", progress=False)
+    assert results["schedule_difference"] == "epochs 2 vs 1"
+    assert "not like for like" in results["verdict"] and "epochs 2 vs 1" in results["verdict"]
+    same = run_recipe(load_recipe(classification_recipe()), tmp_path / "same", progress=False)
+    assert "schedule_difference" not in same and "not like for like" not in same["verdict"]

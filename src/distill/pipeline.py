@@ -275,6 +275,11 @@ class Run:
 
         results = self._summarise(teacher, teacher_metrics, per_seed, prepared)
         results["teacher_gate"] = gate.to_dict()
+        differs = schedule_difference(recipe)
+        if differs and "baseline" in results and "student" in results:
+            results["schedule_difference"] = differs
+            results["verdict"] += (f" (not like for like: the distilled student trains with another schedule than "
+                                   f"the student alone: {differs})")
         advice = advise(results, histories, recipe, self.source)
         if advice:
             results["advice"] = advice
@@ -398,6 +403,15 @@ def verdict(results: dict[str, Any]) -> str:
         return (f"distillation hurt: {gain:+.2f} points against the student trained alone, "
                 f"beyond the spread ({spread:.2f}) over {n} seeds")
     return (f"no clear effect: {gain:+.2f} points, within the spread ({spread:.2f}) over {n} seeds")
+
+
+def schedule_difference(recipe: Recipe) -> str:
+    """How the distilled stage's schedule differs from the baseline's (``""`` when it does not): the
+    recipe may ask for that (a stage's own ``train:``), and then the report says so."""
+    ignored = {"checkpoint_every", "tensorboard", "progress", "seed"}
+    base = stage_schedule(recipe, recipe.baseline).model_dump()
+    dist = stage_schedule(recipe, recipe.distill).model_dump()
+    return ", ".join(f"{k} {dist[k]} vs {base[k]}" for k in base if k not in ignored and base[k] != dist[k])
 
 
 def still_improving(histories: list[list[dict[str, float]]], key: str) -> bool:
