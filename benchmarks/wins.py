@@ -118,17 +118,35 @@ def recipe_for(row_id: str, args: argparse.Namespace) -> dict:
     }
 
 
+def same_steps_recipe(row_id: str, args: argparse.Namespace, labelled: int, total: int) -> dict:
+    """The transfer regime's second "alone": the student on its labelled samples for as many steps
+    as the distilled student took over every sample (epochs scaled by total / labelled)."""
+    data = recipe_for(row_id, args)
+    data["name"] += "-alone-same-steps"
+    data["train"]["epochs"] = round(data["train"]["epochs"] * total / labelled)
+    data["distill"] = {"enabled": False, "terms": TERMS}
+    data.pop("pilot")
+    data["evaluate"] = {"latency": False}
+    return data
+
+
 def pooled(a: float, b: float) -> float:
     return math.sqrt((a * a + b * b) / 2)
 
 
-def summarise(row_id: str, results: dict, wall: float, threads: int) -> dict:
+def summarise(row_id: str, results: dict, wall: float, threads: int, same_steps: dict | None = None) -> dict:
     row = ROWS[row_id]
     key = results.get("primary_metric", "accuracy")
     teacher, alone, dist = results["teacher"], results["baseline"], results["student"]
     t = 100 * teacher[key]
     a, a_std = 100 * alone[key], 100 * alone[f"{key}_std"]
     d, d_std = 100 * dist[key], 100 * dist[f"{key}_std"]
+    alone_arms = {"alone": (a, a_std)}
+    if same_steps is not None:  # the stronger of the two students alone is the one to beat
+        s_mean, s_std = 100 * same_steps["baseline"][key], 100 * same_steps["baseline"][f"{key}_std"]
+        alone_arms["alone_same_steps"] = (s_mean, s_std)
+        if s_mean > a:
+            a, a_std = s_mean, s_std
     gain = d - a
     spread = pooled(a_std, d_std)
     compression = teacher["params"] / dist["params"]
@@ -147,7 +165,14 @@ def summarise(row_id: str, results: dict, wall: float, threads: int) -> dict:
         "teacher_params": teacher["params"], "student_params": dist["params"],
         "labelled": row["data"].get("labelled"),
         "teacher_acc": round(t, 2),
-        "alone": {"mean": round(a, 2), "std": round(a_std, 2), "per_seed": alone["per_seed"][key]},
+        "alone": {"mean": round(alone_arms["alone"][0], 2), "std": round(alone_arms["alone"][1], 2),
+                  "per_seed": alone["per_seed"][key]},
+        **({"alone_same_steps": {"mean": round(alone_arms["alone_same_steps"][0], 2),
+                                 "std": round(alone_arms["alone_same_steps"][1], 2),
+                                 "epochs": same_steps["epochs"],
+                                 "per_seed": same_steps["baseline"]["per_seed"][key]}} if same_steps else {}),
+        "compared_with": "alone_same_steps" if same_steps and alone_arms["alone_same_steps"][0] > alone_arms["alone"][0]
+        else "alone",
         "distilled": {"mean": round(d, 2), "std": round(d_std, 2), "per_seed": dist["per_seed"][key]},
         "agreement": {"alone": alone.get("agreement"), "distilled": dist.get("agreement")},
         "gain_points": round(gain, 2), "pooled_std": round(spread, 2),
@@ -199,6 +224,11 @@ def write(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
     os.replace(tmp, out.with_suffix(".md"))
 
 
+def len_training(results: dict) -> int:
+    """Training samples of the distilled student (labelled and unlabelled), from the run's log line."""
+    return int(results["training_samples"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="*", help=f"rows to run (default: all: {', '.join(ROWS)})")
@@ -228,7 +258,17 @@ def main(argv: list[str] | None = None) -> int:
         started = time.time()
         results = distill.run_recipe(load_recipe(recipe_for(row_id, args)), run_dir, data_dir=args.data_dir,
                                      resume=resume, overwrite=not resume, progress=False)
-        row = summarise(row_id, results, time.time() - started, args.threads)
+        same_steps = None
+        if ROWS[row_id]["regime"] == "transfer":
+            labelled = ROWS[row_id]["data"]["labelled"]
+            total = len_training(results)
+            extra = load_recipe(same_steps_recipe(row_id, args, labelled, total))
+            extra_dir = run_dir / "alone-same-steps"
+            again = extra_dir.exists() and any(extra_dir.iterdir())
+            same_steps = distill.run_recipe(extra, extra_dir, data_dir=args.data_dir, resume=again, overwrite=not again,
+                                            progress=False)
+            same_steps["epochs"] = extra.train.epochs
+        row = summarise(row_id, results, time.time() - started, args.threads, same_steps)
         kept = [r for r in kept if r["row"] != row_id] + [row]
         kept.sort(key=lambda r: list(ROWS).index(r["row"]))
         write(out, kept, args)

@@ -361,6 +361,7 @@ class Run:
             "data": recipe.data.name,
             "seeds": list(recipe.seeds),
             "threads": torch.get_num_threads(),
+            "training_samples": len(prepared.train),
             "teacher": {**teacher_metrics, "agreement": 1.0, "per_seed": None, "model": recipe.teacher.model, **teacher_info},
         }
         for role, rows in per_seed.items():
@@ -374,6 +375,8 @@ class Run:
             key = self.task.primary_metric
             summary["per_seed"] = {key: [r[key] for r in rows]}
             results[role] = summary
+        if getattr(prepared, "labelled", None) is not None:  # an unlabelled transfer set (data.labelled)
+            results["labelled_samples"] = len(prepared.labelled)
         if self.task.report_metrics:  # more columns for the report (e.g. perplexity)
             results["report_metrics"] = list(self.task.report_metrics)
         results["verdict"] = verdict(results)
