@@ -177,7 +177,8 @@ def test_progress_shows_time_remaining_and_keeps_its_counters_at_80_columns():
     distiller = Distiller(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), None, terms)
     distiller.dry_run(next(iter(TinyLoader())))
     config = TrainConfig(**{**CFG, "progress": True, "epochs": 2})
-    Trainer(distiller, TinyLoader(), config, name="stage 12/40: student-seed0-generation2", console=console,
+    Trainer(distiller, TinyLoader(), config, name="student-seed0-generation2",
+            label="stage 12/40: student-seed0-generation2", console=console,
             evaluate=lambda m: {"accuracy": 0.5}).fit()
     lines = [ANSI.sub("", line) for line in re.split(r"[\r\n]", buffer.getvalue())]
     lines = [line for line in lines if line.strip()]

@@ -96,6 +96,11 @@ class FitState:
         return self.trainer.name
 
     @property
+    def label(self) -> str:
+        """What the progress display shows for this fit (the name, with the run's stage counter)."""
+        return getattr(self.trainer, "label", None) or self.trainer.name
+
+    @property
     def config(self):
         return self.trainer.config
 
@@ -311,7 +316,7 @@ class ProgressDisplay(Callback):
         if self._plain:
             self.console = console
             self._total = (run.config.epochs - run.start_epoch) * run.steps
-            console.print(f"{run.name}: {run.config.epochs - run.start_epoch} epochs of {run.steps} steps", markup=False)
+            console.print(f"{run.label}: {run.config.epochs - run.start_epoch} epochs of {run.steps} steps", markup=False)
             return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
@@ -329,7 +334,7 @@ class ProgressDisplay(Callback):
         )
         self._progress.start()
         total = (run.config.epochs - run.start_epoch) * run.steps
-        self._task = self._progress.add_task(run.name, total=total, info="")
+        self._task = self._progress.add_task(run.label, total=total, info="")
 
     def _line(self, run: FitState, done: int, info: str) -> None:
         import time
@@ -338,7 +343,7 @@ class ProgressDisplay(Callback):
         self._last_line = now
         elapsed = now - self._start
         eta = elapsed / done * (self._total - done) if done else float("nan")
-        self.console.print(f"{run.name}: {done}/{self._total} steps, {_clock(elapsed)} elapsed, "
+        self.console.print(f"{run.label}: {done}/{self._total} steps, {_clock(elapsed)} elapsed, "
                            f"{_clock(eta)} left; {info}", markup=False)
 
     def on_step_end(self, run: FitState) -> None:

@@ -211,7 +211,7 @@ class Stage:
 
         trainer = Trainer(
             self.distiller, self.loader, self.config, evaluate=evaluate, run_dir=run_dir,
-            name=label or self.name, batch_transform=self.transform, console=console, on_epoch_end=on_epoch_end,
+            name=self.name, batch_transform=self.transform, console=console, on_epoch_end=on_epoch_end, label=label,
         )
         history = trainer.fit(resume=resume)
         self.stopped_early = bool(getattr(trainer, "stopped_early", False))

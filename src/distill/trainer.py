@@ -151,8 +151,10 @@ class Trainer:
         console=None,
         on_epoch_end: Callable[[dict[str, float]], bool | None] | None = None,
         callbacks: Sequence[Callback] = (),
+        label: str | None = None,
     ) -> None:
         self.model = model
+        self.label = label or name  # what the progress display calls the fit (e.g. "stage 3/7: student-seed0")
         self.loader = train_loader
         self.config = config
         self.evaluate = evaluate
