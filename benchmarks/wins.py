@@ -134,7 +134,19 @@ def pooled(a: float, b: float) -> float:
     return math.sqrt((a * a + b * b) / 2)
 
 
-def summarise(row_id: str, results: dict, wall: float, threads: int, same_steps: dict | None = None) -> dict:
+def train_minutes(run_dir: Path) -> float:
+    """Minutes of training the run's stages logged (every epoch of every stage; the pilot's trials are
+    not logged and count in ``pilot_minutes``), with the extra student alone when there is one."""
+    import csv
+
+    seconds = 0.0
+    for log in run_dir.glob("**/stages/*/metrics.csv"):
+        with open(log) as f:
+            seconds += sum(float(r["epoch_seconds"]) for r in csv.DictReader(f))
+    return round(seconds / 60, 1)
+
+
+def summarise(row_id: str, results: dict, run_dir: Path, threads: int, same_steps: dict | None = None) -> dict:
     row = ROWS[row_id]
     key = results.get("primary_metric", "accuracy")
     teacher, alone, dist = results["teacher"], results["baseline"], results["student"]
@@ -182,7 +194,10 @@ def summarise(row_id: str, results: dict, wall: float, threads: int, same_steps:
                   "epochs_per_trial": pilot.get("epochs")},
         "verdict": results.get("verdict"),
         "seeds": results["seeds"],
-        "cpu_minutes": round(wall * threads / 60, 1),
+        "cpu_minutes": round((train_minutes(run_dir) + (pilot.get("seconds") or 0) / 60) * threads, 1),
+        "train_minutes": train_minutes(run_dir),
+        "pilot_minutes": round(pilot["seconds"] / 60, 1) if pilot.get("seconds") is not None else None,
+        "threads": threads,
     }
 
 
@@ -255,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     for row_id in args.rows or list(ROWS):
         run_dir = args.work / (f"quick-{row_id}" if args.quick else row_id)
         resume = run_dir.exists() and any(run_dir.iterdir())
-        started = time.time()
         results = distill.run_recipe(load_recipe(recipe_for(row_id, args)), run_dir, data_dir=args.data_dir,
                                      resume=resume, overwrite=not resume, progress=False)
         same_steps = None
@@ -268,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             same_steps = distill.run_recipe(extra, extra_dir, data_dir=args.data_dir, resume=again, overwrite=not again,
                                             progress=False)
             same_steps["epochs"] = extra.train.epochs
-        row = summarise(row_id, results, time.time() - started, args.threads, same_steps)
+        row = summarise(row_id, results, run_dir, args.threads, same_steps)
         kept = [r for r in kept if r["row"] != row_id] + [row]
         kept.sort(key=lambda r: list(ROWS).index(r["row"]))
         write(out, kept, args)

@@ -45,6 +45,7 @@ class PilotResult:
     trials: list[PilotTrial] = field(default_factory=list)
     chosen: dict[str, Any] = field(default_factory=dict)
     beat_alone: bool = False
+    seconds: float | None = None  # wall time of the pilot's trials
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +144,9 @@ def run_pilot(recipe, task, teacher, data_dir, console=None) -> tuple[Any, Pilot
             f"(it needs at least {spec.min_val_samples}); raise pilot.val_fraction (or data.val_fraction) "
             "or use more training data"
         )
+    import time
+
+    started = time.perf_counter()
     candidates = candidate_settings(recipe, spec)
     epochs, budget, run_epochs = pilot_epochs(recipe, spec, len(candidates) + 1)
     seed = recipe.seeds[0]
@@ -171,4 +175,5 @@ def run_pilot(recipe, task, teacher, data_dir, console=None) -> tuple[Any, Pilot
     best = max(result.trials, key=lambda t: (t.score, -result.trials.index(t)))
     result.chosen = {"label": best.label, **best.settings}
     result.beat_alone = best.score > alone and not math.isclose(best.score, alone)
+    result.seconds = round(time.perf_counter() - started, 1)
     return apply_settings(recipe, best.settings), result
