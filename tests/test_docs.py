@@ -673,3 +673,22 @@ def test_development_page_names_the_fast_tier():
     page = (ROOT / "docs" / "development.md").read_text()
     assert [name for name in marked if f"`{name}`" not in page] == []
 
+
+
+def test_wins_rows_in_the_readme_match_wins_json():
+    """Every row of benchmarks/results/wins.json is in the README's first results table, with the
+    numbers of the file: the teacher, the student alone it was compared with, the distilled student,
+    the gain and the share of the gap closed."""
+    doc = results("wins.json")
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert doc["rows"]
+    for r in doc["rows"]:
+        line = next((entry for entry in lines if f"`{r['row']}`" in entry), None)
+        assert line is not None, f"README has no line for wins row {r['row']}"
+        alone, dist = r[r["compared_with"]], r["distilled"]
+        expected = [f"{r['teacher_acc']:.2f}", f"{alone['mean']:.2f} ± {alone['std']:.2f}",
+                    f"{dist['mean']:.2f} ± {dist['std']:.2f}", f"{r['gain_points']:+.2f}",
+                    f"{r['gap_closed']:.2f}" if r["gap_closed"] is not None else "-",
+                    "met" if r["target_met"] else "missed"]
+        missing = [text for text in expected if text not in line]
+        assert not missing, f"README's {r['row']} line lacks {missing}: {line}"
