@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -242,11 +241,6 @@ def write(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
     os.replace(tmp, out.with_suffix(".md"))
 
 
-def len_training(results: dict) -> int:
-    """Training samples of the distilled student (labelled and unlabelled), from the run's log line."""
-    return int(results["training_samples"])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="*", help=f"rows to run (default: all: {', '.join(ROWS)})")
@@ -278,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         same_steps = None
         if ROWS[row_id]["regime"] == "transfer":
             labelled = ROWS[row_id]["data"]["labelled"]
-            total = len_training(results)
+            total = results["training_samples"]  # labelled and unlabelled
             extra = load_recipe(same_steps_recipe(row_id, args, labelled, total))
             extra_dir = run_dir / "alone-same-steps"
             again = extra_dir.exists() and any(extra_dir.iterdir())

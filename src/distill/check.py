@@ -61,7 +61,8 @@ def check_recipe(recipe: Recipe, data_dir: str | Path | None = None) -> CheckRep
         peers = None
         if name == "distill" and stage.peers > 1:
             peers = [task.build_model(recipe.student, prepared, seed + k) for k in range(1, stage.peers)]
-        schedule = model_spec.train if name.startswith("assistant") and model_spec.train is not None else None
+        # an assistant trains with its own schedule or the recipe's, as in distill run
+        schedule = (model_spec.train or recipe.train) if name.startswith("assistant") else None
         built = build_stage(recipe, task, prepared, name=name, student=student, teacher=teacher_arg, spec=stage,
                             seed=seed, peers=peers, schedule=schedule)
         report.stages[name] = built.dry_run()

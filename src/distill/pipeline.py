@@ -443,7 +443,7 @@ def advise(results: dict[str, Any], histories: dict[str, list], recipe: Recipe,
     if "baseline" not in results or "student" not in results or results["verdict"].startswith("distillation helped"):
         return None
     key = results.get("primary_metric", "accuracy")
-    teacher, alone, student = results["teacher"][key], results["baseline"][key], results["student"][key]
+    teacher, alone = results["teacher"][key], results["baseline"][key]
     spread = max(results["baseline"].get(f"{key}_std", 0.0), results["student"].get(f"{key}_std", 0.0))
     name = source or "RECIPE"  # the file or preset the run was started from
     epochs = stage_schedule(recipe, recipe.distill).epochs

@@ -148,10 +148,10 @@ def check_signal(recipe, task, teacher: nn.Module, prepared):
     return live_signal(recipe, task, teacher)
 
 
-def teacher_signal(recipe, task, teacher: nn.Module, prepared, cache_path: str | Path | None = None):
-    """What teaches the distilled student: the cache at ``cache_path`` (default: ``teacher.cache``)
-    when the recipe asks for one, else the live teacher."""
-    path = cache_path if cache_path is not None else recipe.teacher.cache
+def teacher_signal(recipe, task, teacher: nn.Module, prepared):
+    """What teaches the distilled student: the cache at ``teacher.cache`` when the recipe names
+    one, else the live teacher."""
+    path = recipe.teacher.cache
     if path is None:
         return live_signal(recipe, task, teacher)
     return open_cache(recipe, task, teacher, prepared, path)
@@ -174,11 +174,6 @@ class Stage:
     def transform(self):
         """The stage's transforms as one (``None`` when there is none)."""
         return compose(*self.transforms)
-
-    @property
-    def teacher(self) -> Any:
-        """What teaches the student (a signal, a model, peers, or ``None``)."""
-        return getattr(self.distiller, "teacher", None)
 
     def first_batch(self) -> dict:
         """The first training batch as the trainer would see it (transforms applied)."""
