@@ -167,7 +167,7 @@ def _job(name: str, recipe: dict, run_dir: str, resume: bool = False) -> dict:
     results = run_recipe(load_recipe(recipe), run_dir, overwrite=True, progress=False)
     seconds = time.perf_counter() - started
     (Path(run_dir) / "job.json").write_text(json.dumps({"seconds": seconds}))
-    return {"name": name, "seconds": seconds, "results": results}
+    return {"name": name, "seconds": seconds, "results": results.to_json()}
 
 
 def _teacher_recipe(args, width: int, epochs: int, seed: int) -> dict:

@@ -50,7 +50,7 @@ def main() -> int:
             "torch": torch.__version__,
         },
         "date": time.strftime("%Y-%m-%d"),
-        "results": results,
+        "results": results.to_json(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,11 +18,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "allocator", "schedules", "measure", "registry", "train_config", "boxes", "accelerate_compat",
      "version"),
     # 1: files, hooks and shapes
-    ("checkpoints", "taps", "adapters"),
+    ("checkpoints", "taps", "adapters", "sharding"),
     # 2: the rooms of the field: data, models, losses, teacher signals, logs
-    ("logbook", "signals", "data", "models", "losses", "plots", "report"),
+    ("logbook", "run_result", "signals", "data", "models", "losses", "plots", "report"),
     # 3: what reads them: metrics, the objective, the cache, the teacher gate, per-step transforms
-    ("metrics", "ensemble", "batch_transforms", "objective", "cache", "quality"),
+    ("metrics", "ensemble", "batch_transforms", "objective", "cache", "token_cache", "quality"),
     # 4: the loop
     ("callbacks", "trainer", "mutual"),
     # 5: a stage (built in one place), and text models and their feeds

@@ -271,7 +271,7 @@ def test_task_names_what_is_missing(tiny_setup):
     })
     with pytest.raises(DistillError, match="needs a tokenizer"):
         get_task("sentence-embedding").prepare(recipe, None)
-    with pytest.raises(DistillError, match="no option 'max_len'"):
+    with pytest.raises(DistillError, match="sentence-embedding has no option max_len; accepted: tokenizer"):
         load_recipe({**recipe.model_dump(), "task_options": {"max_len": 8}})
     with pytest.raises(DistillError, match="official file"):
         read_stsb(tiny_setup / "stsb")

@@ -83,13 +83,32 @@ def text_file(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def text_classification_recipe(tmp_path) -> dict:
+    words = (["good", "great", "fun"], ["bad", "dull", "flat"])
+    rows = [(f"the {words[i % 2][i % 3]} film {words[i % 2][(i + 1) % 3]}", i % 2) for i in range(24)]
+    for name in ("train", "test"):
+        (tmp_path / f"{name}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    return {
+        "name": "text", "task": "text-classification", "seeds": [0], "threads": 1,
+        "data": {"name": "tsv", "options": {"train": str(tmp_path / "train.tsv"), "test": str(tmp_path / "test.tsv")},
+                 "val_fraction": 0.25},
+        "teacher": {"model": "bilstm", "kwargs": {"embedding_dim": 8, "hidden_size": 8}, "train": FAST,
+                    "gate": {"enabled": False}},
+        "student": {"model": "bilstm", "kwargs": {"embedding_dim": 4, "hidden_size": 4}},
+        "train": FAST, "distill": {"terms": [{"name": "soft", "loss": "kd", "params": {"temperature": 2.0}}]},
+        "evaluate": {"latency": False},
+    }
+
+
+@pytest.mark.parametrize("task", ["classification", "causal-lm", "ranking", "text-classification"])
 def test_check_run_and_sweep_trial_build_the_same_distilled_stage(task, tmp_path, monkeypatch, text_file):
     """On 8da6390 a sweep trial of an on-policy causal-LM recipe ran without the task's on-policy
     transform (and `check` dry-ran with the bare teacher model, not the signal a run uses)."""
     from distill.sweep import train_trial
 
-    data = classification_recipe() if task == "classification" else lm_recipe(text_file)
+    data = {"classification": classification_recipe, "causal-lm": lambda: lm_recipe(text_file),
+            "ranking": lambda: ranking_recipe(tmp_path), "text-classification": lambda: text_classification_recipe(tmp_path),
+            }[task]()
     seen = record_stages(monkeypatch)
     run_recipe(load_recipe(data), tmp_path / "run", progress=False)
     from_run = seen["student-seed0"]

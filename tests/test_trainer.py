@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -260,3 +262,46 @@ def test_plain_optimizer_is_the_wrapped_one_and_steps_alike():
     assert plain_optimizer(scaled, optimizer) is None
     deepspeed = SimpleNamespace(scaler=None, distributed_type=DistributedType.DEEPSPEED)
     assert plain_optimizer(deepspeed, optimizer) is None
+
+
+def test_an_fsdp_plugin_sets_the_environment_for_good_unless_launcher_environment_keeps_it(monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from distill.accelerate_compat import launcher_environment, reset_precision_state
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    reset_precision_state()
+    try:
+        with launcher_environment():
+            Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+            assert os.environ.get("ACCELERATE_USE_FSDP") == "true"  # what accelerate leaves behind
+        assert "ACCELERATE_USE_FSDP" not in os.environ
+    finally:
+        reset_precision_state()
+
+
+def test_a_fresh_accelerator_state_copies_the_process_type_until_prepare_state_puts_it_back():
+    """accelerate's FSDP set-up (and distill.accelerate_compat.fsdp_on_cpu) writes FSDP into both
+    states; a later AcceleratorState copies PartialState's type, so an unsharded fit after a sharded
+    one needs prepare_state to put the process group's own type back."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    from distill.accelerate_compat import prepare_state, reset_precision_state
+
+    reset_precision_state()
+    own = Accelerator(cpu=True).distributed_type
+    try:
+        prepare_state(False)  # sees the process group's type
+        AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP  # as after a sharded fit
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        assert Accelerator(cpu=True).distributed_type == DistributedType.FSDP  # reused as it is
+        prepare_state(True)  # already sharded: kept
+        assert AcceleratorState._shared_state["distributed_type"] == DistributedType.FSDP
+        prepare_state(False)
+        assert Accelerator(cpu=True).distributed_type == own
+    finally:
+        PartialState._shared_state["distributed_type"] = own
+        reset_precision_state()

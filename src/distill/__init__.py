@@ -19,7 +19,8 @@ _EXPORTS = {
     "Taps": "distill.taps", "LiveTeacher": "distill.signals", "TeacherSignal": "distill.signals",
     "Trainer": "distill.trainer", "TrainConfig": "distill.train_config", "TeacherEnsemble": "distill.ensemble",
     "MutualLearner": "distill.mutual", "DistillError": "distill.errors",
-    "load_recipe": "distill.recipes", "run_recipe": "distill.pipeline",
+    "load_recipe": "distill.recipes", "run_recipe": "distill.pipeline", "RunResult": "distill.run_result",
+    "TokenCache": "distill.token_cache",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -9,6 +9,9 @@ different training run.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import torch
 
 
@@ -53,3 +56,73 @@ def plain_optimizer(accelerator, optimizer) -> torch.optim.Optimizer | None:
     if accelerator.scaler is not None or accelerator.distributed_type not in plain:
         return None
     return getattr(optimizer, "optimizer", None)
+
+
+def fsdp_on_cpu(accelerator, plugin) -> None:
+    """Let accelerate shard with FSDP2 in a CPU process group (gloo), as it does on GPUs.
+
+    accelerate turns FSDP on only for GPU-like process groups: with ``cpu=True`` it ignores
+    ``fsdp_plugin`` and would wrap the model for DDP (``DistributedType.MULTI_CPU``). torch's FSDP2
+    runs on gloo, and accelerate's FSDP2 preparation (``Accelerator._prepare_fsdp2``) needs nothing
+    of a GPU; this sets the process-wide ``AcceleratorState``'s ``distributed_type`` to ``FSDP`` and
+    its ``fsdp_plugin``, which is what accelerate's own set-up does for a GPU process group. Like
+    that set-up, it writes the type into ``PartialState`` too (private ``_shared_state``): every
+    ``AcceleratorState()`` made later (accelerate makes one per prepared optimizer) copies it from
+    there. :func:`prepare_state` puts it back for an unsharded fit.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+        if accelerator.mixed_precision != "no":  # FSDP2 casts through its policy, not autocast
+            plugin.set_mixed_precision(accelerator.mixed_precision)
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+_process_type = None  # the process group's DistributedType (MULTI_CPU, MULTI_GPU, ...), seen first
+
+
+def prepare_state(fsdp: bool) -> None:
+    """Make accelerate's process-wide state ready for an ``Accelerator`` that shards (or not).
+
+    ``AcceleratorState`` is set up by the first ``Accelerator`` of the process and later ones reuse
+    it, whatever ``fsdp_plugin`` they are given; so a fit that shards after one that did not (or the
+    reverse) starts it afresh here (private ``_shared_state`` and ``_reset_state``). accelerate also
+    writes ``FSDP`` into ``PartialState``'s ``distributed_type`` when it shards on GPUs, which a fresh
+    ``AcceleratorState`` would copy: going back to unsharded puts the process group's own type back.
+    """
+    global _process_type
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    partial = PartialState._shared_state
+    if _process_type is None and partial.get("distributed_type") not in (None, DistributedType.FSDP):
+        _process_type = partial["distributed_type"]
+    shared = AcceleratorState._shared_state
+    if not shared:
+        return
+    was = shared.get("distributed_type") == DistributedType.FSDP
+    if was != fsdp:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        if was and _process_type is not None:
+            partial["distributed_type"] = _process_type
+
+
+@contextmanager
+def launcher_environment():
+    """Keep the ``ACCELERATE_USE_FSDP`` environment variable as the launcher set it.
+
+    ``Accelerator(fsdp_plugin=...)`` sets it to ``true`` for the rest of the process, which would
+    make every later ``Accelerator`` (an unsharded fit after a sharded one) build an FSDP plugin of
+    its own from the environment.
+    """
+    before = os.environ.get("ACCELERATE_USE_FSDP")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ACCELERATE_USE_FSDP", None)
+        else:
+            os.environ["ACCELERATE_USE_FSDP"] = before

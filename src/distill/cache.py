@@ -122,6 +122,15 @@ def _transforms(loader: BatchLoader, views: int) -> dict[str, Any]:
     return described
 
 
+def teacher_digest(teacher: nn.Module) -> str:
+    """SHA-256 of every state_dict tensor of ``teacher`` (name, dtype, shape, bytes)."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        weights.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        weights.update(_raw_bytes(tensor))
+    return weights.hexdigest()
+
+
 def fingerprint(
     teacher: nn.Module,
     loader: BatchLoader,
@@ -137,10 +146,6 @@ def fingerprint(
     messages and never compared. ``views`` defaults to the loader's (see :func:`resolve_views`).
     """
     views = resolve_views(loader, views)
-    weights = hashlib.sha256()
-    for name, tensor in sorted(teacher.state_dict().items()):
-        weights.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        weights.update(_raw_bytes(tensor))
     inputs, targets = loader.dataset.inputs, loader.dataset.targets.long()
     data = hashlib.sha256()
     data.update(f"{len(targets)}|{tuple(inputs.shape)}|{inputs.dtype}\n".encode())
@@ -149,7 +154,7 @@ def fingerprint(
     transforms = _transforms(loader, views)
     extra = dict(extra or {})
     return {
-        "teacher": weights.hexdigest(),
+        "teacher": teacher_digest(teacher),
         "data": data.hexdigest(),
         "transforms": _json_hash(transforms),
         "extra": _json_hash(extra),
@@ -397,6 +402,28 @@ def _write_batch(
 
 
 # ------------------------------------------------------------------------------ reading
+def open_array(folder: Path, entry: dict[str, Any], verify: bool) -> np.ndarray:
+    """The ``.npy`` array of a cache's header ``entry`` (``file``, ``shape``, ``dtype``, ``sha256``),
+    memory-mapped; refused when missing, of another shape or dtype, or (``verify``) its SHA-256 differs."""
+    file = folder / entry["file"]
+    if not file.is_file():
+        raise DistillError(f"{file} is missing from teacher cache {folder}; {_REBUILD_HINT}")
+    if verify and _sha256_file(file) != entry["sha256"]:
+        raise DistillError(
+            f"{file} is corrupt or truncated (its SHA-256 differs from {HEADER}); {_REBUILD_HINT}"
+        )
+    try:
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"{file} cannot be read ({exc}); {_REBUILD_HINT}") from None
+    if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
+        raise DistillError(
+            f"{file} holds {array.dtype} {list(array.shape)}, but {HEADER} says {entry['dtype']} "
+            f"{entry['shape']}; {_REBUILD_HINT}"
+        )
+    return array
+
+
 def _unfinished_builds(path: Path) -> list[Path]:
     if not path.parent.is_dir():
         return []
@@ -437,7 +464,7 @@ class TeacherCache:
         self.header = self._read_header()
         if expect_fingerprint is not None:
             self.check_fingerprint(expect_fingerprint)
-        self._arrays = {name: self._open_array(name, entry, verify) for name, entry in self.header["arrays"].items()}
+        self._arrays = {name: open_array(self.path, entry, verify) for name, entry in self.header["arrays"].items()}
         self.num_samples: int = self.header["num_samples"]
         self.views: int = self.header["views"]
         self.classes: int = self.header["classes"]
@@ -497,25 +524,6 @@ class TeacherCache:
         if absent:
             raise DistillError(f"{HEADER} of teacher cache {path} lists no array {', '.join(absent)}; {_REBUILD_HINT}")
         return header
-
-    def _open_array(self, name: str, entry: dict[str, Any], verify: bool) -> np.ndarray:
-        file = self.path / entry["file"]
-        if not file.is_file():
-            raise DistillError(f"{file} is missing from teacher cache {self.path}; {_REBUILD_HINT}")
-        if verify and _sha256_file(file) != entry["sha256"]:
-            raise DistillError(
-                f"{file} is corrupt or truncated (its SHA-256 differs from {HEADER}); {_REBUILD_HINT}"
-            )
-        try:
-            array = np.load(file, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DistillError(f"{file} cannot be read ({exc}); {_REBUILD_HINT}") from None
-        if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
-            raise DistillError(
-                f"{file} holds {array.dtype} {list(array.shape)}, but {HEADER} says {entry['dtype']} "
-                f"{entry['shape']}; {_REBUILD_HINT}"
-            )
-        return array
 
     def check_fingerprint(self, expected: dict[str, Any]) -> None:
         """Raise unless ``expected`` (from :func:`fingerprint`) equals the stored fingerprint."""

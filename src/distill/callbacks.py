@@ -44,6 +44,7 @@ import torch
 from distill.checkpoints import load_checkpoint, save_checkpoint
 from distill.errors import DistillError
 from distill.logbook import MetricsLog
+from distill.sharding import load_model_state, load_optimizer_state, model_state, optimizer_state
 
 
 HOOKS = ("on_fit_start", "on_step_end", "on_epoch_end", "on_fit_end")
@@ -90,6 +91,7 @@ class FitState:
     should_stop: bool = False
     error: BaseException | None = None
     callbacks: CallbackList | None = None
+    unsharding: Any = None  # a sharded fit (FSDP): how to hand the model back (distill.sharding.Unsharding)
 
     @property
     def name(self) -> str:
@@ -189,8 +191,8 @@ class EarlyStopping(Callback):
             )
         if self.best is None or self.sign * current > self.sign * self.best:
             self.best, self.stale = current, 0
-            if self.restore_best:
-                self.best_state = copy.deepcopy(run.unwrapped.state_dict())
+            if self.restore_best:  # a sharded model's is gathered on the main process (all take part)
+                self.best_state = copy.deepcopy(model_state(run.unwrapped))
         else:
             self.stale += 1
             if self.patience is not None and self.stale >= self.patience:
@@ -198,7 +200,7 @@ class EarlyStopping(Callback):
 
     def on_fit_end(self, run: FitState) -> None:
         if run.error is None and self.restore_best and self.best_state is not None:
-            run.unwrapped.load_state_dict(self.best_state)
+            load_model_state(run.unwrapped, self.best_state)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "stale": self.stale, "best_state": self.best_state}
@@ -213,7 +215,9 @@ class Checkpointing(Callback):
     main process writes, then every process waits for it); a resumed fit continues from it.
 
     The state: the model's and the optimizer's, the 0-based epoch, torch's RNG state, the history
-    of metrics rows, and every callback's ``state_dict()``.
+    of metrics rows, and every callback's ``state_dict()``. A sharded model's (FSDP) is gathered
+    whole on the main process, its optimizer's keyed by parameter name
+    (:mod:`distill.sharding`): the checkpoint resumes on any number of processes, sharded or not.
     """
 
     def __init__(self, path: str | Path, every: int = 1) -> None:
@@ -223,8 +227,8 @@ class Checkpointing(Callback):
         if not (run.resume and self.path.exists()):
             return
         state = load_checkpoint(self.path)
-        run.unwrapped.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
+        load_model_state(run.unwrapped, state["model"])
+        load_optimizer_state(run.unwrapped, run.optimizer, state["optimizer"])
         torch.set_rng_state(state["rng"])
         run.start_epoch = int(state["epoch"]) + 1
         run.history = [dict(r) for r in state.get("history", [])]
@@ -233,13 +237,13 @@ class Checkpointing(Callback):
 
     def on_epoch_end(self, run: FitState, row: dict[str, float]) -> None:
         last = run.epoch + 1 == run.config.epochs or run.should_stop
-        if ((run.epoch + 1) % self.every == 0 or last) and run.main:
-            state = {
-                "model": run.unwrapped.state_dict(),
-                "optimizer": run.optimizer.state_dict(),
-                "epoch": run.epoch,
-                "rng": torch.get_rng_state(),
-            }
+        due = (run.epoch + 1) % self.every == 0 or last
+        if due and run.unsharding is not None:  # every process sends its shards to the main one
+            model, optimizer = model_state(run.unwrapped), optimizer_state(run.unwrapped, run.optimizer)
+        elif due and run.main:
+            model, optimizer = run.unwrapped.state_dict(), run.optimizer.state_dict()
+        if due and run.main:
+            state = {"model": model, "optimizer": optimizer, "epoch": run.epoch, "rng": torch.get_rng_state()}
             for callback in run.callbacks or ():
                 state.update(callback.state_dict())
             state["history"] = run.history

@@ -147,6 +147,46 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
+def atomic_directory(path: str | Path, write) -> Path:
+    """Call ``write(folder)`` on a fresh temporary folder next to ``path``, then move it onto
+    ``path`` (replacing an older folder there): readers see the old folder or the whole new one,
+    never a half-written one. Linux cannot rename a folder over a non-empty one, so an old folder
+    is first moved aside to ``NAME.old-*`` and removed after; a crash between the two renames
+    leaves it there. A failing ``write`` leaves ``path`` as it was."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes owner-only folders; give the usual permissions
+        old = None
+        if path.is_dir() and any(path.iterdir()):
+            old = path.with_name(f"{path.name}.old-{os.urandom(4).hex()}")
+            os.replace(path, old)
+        elif path.is_dir():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 # ------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Save a training state (tensors, numbers, strings, lists, dicts) atomically, with the

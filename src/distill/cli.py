@@ -35,18 +35,20 @@ def _console():
     return console
 
 
-def _print_results(console, results: dict) -> None:
+def _print_results(console, results) -> None:
     from rich.table import Table
 
     from distill.report import header, table_rows
+    from distill.run_result import RunResult
 
-    table = Table(title=f"{results.get('recipe')}: test set, mean ± std over seeds {results.get('seeds')}")
+    results = RunResult.parse(results)
+    table = Table(title=f"{results.recipe}: test set, mean ± std over seeds {results.seeds}")
     for column in header(results):
         table.add_column(column, justify="right" if column else "left")
     for row in table_rows(results):
         table.add_row(*row)
     console.print(table)
-    console.print(f"[bold]{results.get('verdict', '')}[/bold]")
+    console.print(f"[bold]{results.verdict}[/bold]")
     from distill.report import gate_lines
 
     for line in gate_lines(results):

@@ -7,6 +7,13 @@ Formats: ``onnx`` (``torch.onnx.export``, the TorchScript-based exporter, opset 
 axis; needs the ``onnx`` extra), ``torchscript`` (``torch.jit.trace``) and ``safetensors`` (the
 weights alone). Only the student is exported: no teacher, no adapters.
 
+Inputs are one tensor (graph input ``input``, dynamic batch axis), or, for a model fed by keyword
+such as a text classifier (a Hugging Face model, a BiLSTM), named tensors: ``input_ids`` and
+``attention_mask`` int64 ``[batch, sequence]``, one graph input each with dynamic batch and
+sequence axes (TorchScript takes them positionally, in that order). A task gives them through
+:meth:`~distill.tasks.base.Task.example_inputs`; a Hugging Face student's own folder is
+:func:`distill.nlp.hf.save_pretrained`'s business, not this module's.
+
 The parity check runs the serialised bytes, loaded back the way a user would load them (ONNX
 Runtime, ``torch.jit.load``, a fresh model given the weights), on real batches (the run's test
 split; random inputs when only a model is given), with a batch of one first so a batch size baked
@@ -30,24 +37,28 @@ the parameters they hold.
 
 Every exported file records what a deployer needs under the key ``distill`` as one JSON object
 (:func:`read_metadata` reads it back from any format): ``distill_version``, ``format``,
-``quantize``, ``input_shape`` (one sample, no batch axis), ``input_name``/``output_name`` (the
-ONNX graph's), and from a run directory also ``task``, ``recipe`` (its name), ``recipe_sha256``
-(of the run's ``recipe.yaml``), ``student_model``, ``seed`` (whose student), ``num_classes`` and,
-when the data has them, ``normalization`` (``mean``, ``std``, how they are applied) and
-``class_names``. ONNX: ``metadata_props`` (``onnxruntime``: ``session.get_modelmeta()
-.custom_metadata_map["distill"]``); safetensors: the header's ``__metadata__``
-(``safe_open(path, "pt").metadata()["distill"]``); TorchScript: the extra file ``distill.json``
-(``torch.jit.load(path, _extra_files={"distill.json": ""})``).
+``quantize``, ``input_shape`` (one sample, no batch axis) and ``input_name`` (for named inputs:
+``input_names`` and ``input_axes``), ``output_name`` (the ONNX graph's), and from a run directory
+also ``task``, ``recipe`` (its name), ``recipe_sha256`` (of the run's ``recipe.yaml``),
+``student_model``, ``seed`` (whose student), ``num_classes`` and, when the data has them,
+``normalization`` (``mean``, ``std``, how they are applied) and ``class_names``. ONNX:
+``metadata_props`` (``onnxruntime``: ``session.get_modelmeta().custom_metadata_map["distill"]``);
+safetensors: the header's ``__metadata__`` (``safe_open(path, "pt").metadata()["distill"]``);
+TorchScript: the extra file ``distill.json`` (``torch.jit.load(path, _extra_files={"distill.json":
+""})``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
 import json
 import logging
+import os
 import re
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -66,7 +77,10 @@ QUANTIZE = ("int8",)
 ONNX_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+#: one input batch: a tensor ``[b, ...]``, or named tensors ``[b, T]`` for a model fed by keyword
+#: (``input_ids``, ``attention_mask``: a text model's ``model(**inputs)``)
+Inputs = torch.Tensor | dict[str, torch.Tensor]
+Runner = Callable[[Inputs], torch.Tensor]
 
 
 def require_onnx():
@@ -81,22 +95,100 @@ def require_onnx():
     return onnx, onnxruntime
 
 
+# ------------------------------------------------------------------------------ inputs
+def input_names(x: Inputs) -> list[str]:
+    """The graph's input names: ``input`` for one tensor, the keys of named inputs."""
+    return list(x) if isinstance(x, dict) else ["input"]
+
+
+def _args(x: Inputs) -> tuple[torch.Tensor, ...]:
+    return tuple(v.cpu() for v in x.values()) if isinstance(x, dict) else (x.cpu(),)
+
+
+def _rows(x: Inputs) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def _cpu(x: Inputs) -> Inputs:
+    return {k: v.cpu() for k, v in x.items()} if isinstance(x, dict) else x.cpu()
+
+
+class Positional(nn.Module):
+    """``forward(*tensors)`` -> the logits tensor of ``model(**dict(zip(names, tensors)))``: a model
+    fed by keyword (a Hugging Face model, whose output is an object with ``logits``) in the shape
+    that tracing (ONNX, TorchScript) takes."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = list(names)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        from distill.taps import output_tensor
+
+        return output_tensor(self.model(**dict(zip(self.names, args))))
+
+
+def _traceable(model: nn.Module, example: Inputs) -> nn.Module:
+    """``model`` itself for one tensor input, else :class:`Positional` over the example's names."""
+    return Positional(model, list(example)).eval() if isinstance(example, dict) else model
+
+
 # ------------------------------------------------------------------------------ serialisers
-def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    """``model`` as an ONNX graph (opset 17, input ``input`` and output ``logits`` with a dynamic
-    batch axis), traced on the CPU with ``example``."""
+def onnx_bytes(model: nn.Module, example: Inputs) -> bytes:
+    """``model`` as an ONNX graph (opset 17), traced on the CPU with ``example``: input ``input``
+    and output ``logits`` with a dynamic batch axis or, for named inputs (``input_ids``,
+    ``attention_mask`` ``[b, T]``), one graph input per name with dynamic batch and sequence axes
+    (and a dynamic sequence axis on per-token logits ``[b, T, V]``)."""
     require_onnx()
-    model = copy.deepcopy(model).cpu().eval()
+    model = _traceable(copy.deepcopy(model).cpu().eval(), example)
+    names = input_names(example)
+    axes: dict[str, dict[int, str]] = {}
+    for name, value in zip(names, _args(example)):
+        axes[name] = {0: "batch", 1: "sequence"} if isinstance(example, dict) and value.dim() >= 2 else {0: "batch"}
+    axes["logits"] = {0: "batch"}
+    if isinstance(example, dict):
+        with torch.no_grad():
+            if model(*_args(example)).dim() == 3:
+                axes["logits"][1] = "sequence"
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
         warnings.simplefilter("ignore")
-        # dynamo=False: the torch.export-based exporter needs onnxscript, which the extra lacks
-        torch.onnx.export(
-            model, (example.cpu(),), buffer, dynamo=False, opset_version=ONNX_OPSET,
-            input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
+        if not isinstance(example, dict):
+            # dynamo=False: the torch.export-based exporter needs onnxscript, which the extra lacks
+            torch.onnx.export(model, _args(example), buffer, dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=names, output_names=["logits"], dynamic_axes=axes)
+            return buffer.getvalue()
+        try:
+            with _quiet_stdout():  # on failure the exporter prints its whole graph there
+                torch.onnx.export(model, _args(example), buffer, dynamo=False, opset_version=ONNX_OPSET,
+                                  input_names=names, output_names=["logits"], dynamic_axes=axes)
+        except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; all mean the same here
+            inner = model.model
+            if hasattr(getattr(inner, "model", None), "save_pretrained"):  # HFModel: name the architecture
+                inner = inner.model
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            hf = hasattr(inner, "save_pretrained")
+            raise DistillError(
+                f"ONNX export of {type(inner).__name__} failed ({first[:200]}); export it with --format "
+                "safetensors or torchscript" + (", or deploy the Hugging Face folder a run saves (stages/"
+                                               "student-seed<N>/hf: AutoModelFor*.from_pretrained)" if hf else "")
+            ) from None
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """File descriptor 1 to /dev/null (what native code prints there too), then back."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def onnx_session(model: bytes | str | Path, threads: int = 1, device: str = "cpu"):
@@ -145,13 +237,15 @@ def torch_quantize_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8)
 
 
-def torchscript_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    """``model`` traced with ``example`` and saved with ``torch.jit.save``."""
+def torchscript_bytes(model: nn.Module, example: Inputs) -> bytes:
+    """``model`` traced with ``example`` and saved with ``torch.jit.save``; named inputs become
+    positional arguments in their order (``module(input_ids, attention_mask)``)."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        traceable = _traceable(model.cpu().eval(), example)
         # check_trace off: the parity check below runs the saved file itself
-        traced = torch.jit.trace(model.cpu().eval(), example.cpu(), check_trace=False)
+        traced = torch.jit.trace(traceable, _args(example), check_trace=False)
         torch.jit.save(traced, buffer)
     return buffer.getvalue()
 
@@ -213,7 +307,7 @@ def read_metadata(path: str | Path) -> dict[str, Any] | None:
     return json.loads(text) if text else None
 
 
-def _serialise(model: nn.Module, fmt: str, example: torch.Tensor) -> bytes:
+def _serialise(model: nn.Module, fmt: str, example: Inputs) -> bytes:
     if fmt == "onnx":
         return onnx_bytes(model, example)
     if fmt == "torchscript":
@@ -225,10 +319,12 @@ def load_exported(fmt: str, data: bytes, rebuild: Callable[[], nn.Module] | None
     """Load serialised bytes back as a user would, as a function ``inputs -> logits`` (CPU)."""
     if fmt == "onnx":
         session = onnx_session(data)
-        name = session.get_inputs()[0].name
+        graph_inputs = [i.name for i in session.get_inputs()]
 
-        def run_onnx(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
+        def run_onnx(x: Inputs) -> torch.Tensor:
+            # the exporter drops inputs the graph does not read (a model may ignore attention_mask)
+            given = x if isinstance(x, dict) else {graph_inputs[0]: x}
+            return torch.from_numpy(session.run(None, {k: given[k].cpu().numpy() for k in graph_inputs})[0])
 
         return run_onnx
     if fmt == "torchscript":
@@ -236,6 +332,12 @@ def load_exported(fmt: str, data: bytes, rebuild: Callable[[], nn.Module] | None
             warnings.simplefilter("ignore")
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
         module.eval()
+
+        def run_script(x: Inputs) -> torch.Tensor:
+            with torch.inference_mode():
+                return module(*_args(x)).float()
+
+        return run_script
     else:
         from safetensors.torch import load
 
@@ -247,9 +349,12 @@ def load_exported(fmt: str, data: bytes, rebuild: Callable[[], nn.Module] | None
 
 
 def _eager(model: nn.Module) -> Runner:
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: Inputs) -> torch.Tensor:
+        from distill.taps import output_tensor
+
         with torch.inference_mode():
-            return model(x.cpu()).float()
+            out = model(**_cpu(x)) if isinstance(x, dict) else model(x.cpu())
+            return output_tensor(out).float()
 
     return run
 
@@ -349,7 +454,7 @@ def int8_coverage_notes(model: nn.Module, fmt: str) -> list[str]:
     return notes
 
 
-def compare_logits(a: Runner, b: Runner, inputs: Sequence[torch.Tensor]) -> tuple[float, float, int, float]:
+def compare_logits(a: Runner, b: Runner, inputs: Sequence[Inputs]) -> tuple[float, float, int, float]:
     """Largest absolute logit difference, top-1 agreement, sample count of ``a`` vs ``b``, and
     the largest absolute logit of ``b``."""
     worst, agree, count, scale, predictions = 0.0, 0, 0, 0.0, 0
@@ -362,7 +467,7 @@ def compare_logits(a: Runner, b: Runner, inputs: Sequence[torch.Tensor]) -> tupl
         same = la.argmax(-1) == lb.argmax(-1)  # [b], or [b, T] for per-token logits
         agree += int(same.sum())
         predictions += same.numel()
-        count += len(x)
+        count += _rows(x)
     return worst, agree / max(predictions, 1), count, scale
 
 
@@ -385,9 +490,24 @@ def random_inputs(model: nn.Module, input_shape: Sequence[int], n: int, seed: in
     return torch.randn(n, *input_shape, generator=generator)
 
 
-def parity_inputs(x: torch.Tensor, batch: int = 64) -> list[torch.Tensor]:
-    """``x`` as a batch of one, then batches of ``batch`` (a baked-in batch size fails the first)."""
-    return [x[:1], *x[1:].split(batch)] if len(x) > 1 else [x]
+def parity_inputs(x: Inputs, batch: int = 64) -> list[Inputs]:
+    """``x`` as a batch of one, then batches of ``batch`` (a baked-in batch size fails the first).
+    Named inputs with an ``attention_mask`` are cut to each batch's longest row, so the batches
+    differ in length too (a baked-in sequence length fails)."""
+    if isinstance(x, torch.Tensor):
+        return [x[:1], *x[1:].split(batch)] if len(x) > 1 else [x]
+    n = _rows(x)
+    bounds = [(0, 1), *((s, min(s + batch, n)) for s in range(1, n, batch))] if n > 1 else [(0, n)]
+    out = []
+    for start, stop in bounds:
+        part = {k: v[start:stop] for k, v in x.items()}
+        mask = part.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] > 1:
+            used = mask.ne(0).any(0).nonzero()
+            length = max(1, int(used.max()) + 1) if len(used) else 1
+            part = {k: (v[:, :length] if v.dim() >= 2 and v.shape[1] == mask.shape[1] else v) for k, v in part.items()}
+        out.append(part)
+    return out
 
 
 # ------------------------------------------------------------------------------ export
@@ -395,7 +515,7 @@ def export_model(
     model: nn.Module,
     path: str | Path,
     fmt: str,
-    inputs: Sequence[torch.Tensor],
+    inputs: Sequence[Inputs],
     *,
     quantize: str | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -405,11 +525,13 @@ def export_model(
     metadata: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Export ``model`` to ``path`` in ``fmt`` after the parity check on ``inputs`` (a list of
-    input batches ``[b, ...]``; see the module). ``rebuild`` makes a fresh model to load exported
-    safetensors into (default: a copy of ``model``). ``test_batches`` (``{"input", "target"}``
-    dicts) measure fp32 and int8 accuracy when quantising. ``metadata`` is recorded in the file
-    next to the version, format, quantisation and the input shape (that of ``inputs``). Raises
-    :class:`DistillError` when the check fails; nothing is written then."""
+    input batches ``[b, ...]``, or of dicts of named tensors ``[b, T]`` for a model fed by keyword,
+    such as a Hugging Face model's ``input_ids`` and ``attention_mask``; see the module).
+    ``rebuild`` makes a fresh model to load exported safetensors into (default: a copy of
+    ``model``). ``test_batches`` (``{"input", "target"}`` dicts) measure fp32 and int8 accuracy
+    when quantising. ``metadata`` is recorded in the file next to the version, format,
+    quantisation and the input shape (that of ``inputs``). Raises :class:`DistillError` when the
+    check fails; nothing is written then."""
     if fmt not in FORMATS:
         raise DistillError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if quantize is not None and quantize not in QUANTIZE:
@@ -422,12 +544,20 @@ def export_model(
     if fmt == "onnx":
         require_onnx()
     model = copy.deepcopy(model).cpu().eval()
-    inputs = [x.cpu() for x in inputs]
+    inputs = [_cpu(x) for x in inputs]
     example = inputs[0]
+    if isinstance(example, dict):
+        # traced on the widest batch: padded rows take the general attention-mask path, which a
+        # batch of one without padding might let the model skip
+        example = max(inputs, key=_rows)
+        shape = {"input_names": input_names(example),
+                 "input_axes": {k: ["batch", "sequence"][:v.dim()] + [int(d) for d in v.shape[2:]]
+                                for k, v in example.items()}}
+    else:
+        shape = {"input_shape": list(example.shape[1:]), "input_name": "input"}
     fp32 = _eager(model)
     rebuild = rebuild or (lambda: copy.deepcopy(model))
-    meta = {"distill_version": _version(), "format": fmt, "quantize": quantize,
-            "input_shape": list(example.shape[1:]), "input_name": "input", "output_name": "logits",
+    meta = {"distill_version": _version(), "format": fmt, "quantize": quantize, **shape, "output_name": "logits",
             **(metadata or {})}
 
     effect_runner = None

@@ -3,9 +3,11 @@
 A run directory made by ``distill run`` holds ``recipe.yaml`` (the resolved recipe), the teacher's
 weights (``teacher.safetensors`` when the run trained it, else the recipe's ``teacher.weights``)
 and the distilled student's (``student.safetensors``, the first seed's; each seed's is also in
-``stages/student-seed<N>/student.safetensors``). :class:`FinishedRun` reads them back and rebuilds
-the models from the recipe; :class:`NamedModel` is a zoo name (or ``package.module:callable``)
-with the input shape and class count given by the caller.
+``stages/student-seed<N>/student.safetensors``, next to the student in its ecosystem's format where
+the task has one: ``hf/``, ``model2vec/``; see :meth:`FinishedRun.student_folder`).
+:class:`FinishedRun` reads them back and rebuilds the models from the recipe; :class:`NamedModel`
+is a zoo name (or ``package.module:callable``) with the input shape and class count given by the
+caller.
 """
 
 from __future__ import annotations
@@ -110,6 +112,23 @@ class FinishedRun:
         raise DistillError(
             f"run {self.path} has no distilled student weights (student.safetensors): did the run finish? "
             f"Continue it with `distill run RECIPE --out {self.path} --resume`"
+        )
+
+    def student_folder(self, seed: int | None = None) -> Path:
+        """The distilled student of ``seed`` (default: the first seed that has one) as its task saves
+        it for its own ecosystem: a Hugging Face ``save_pretrained`` folder (``.../hf``, for
+        ``AutoModelFor*.from_pretrained`` and ``AutoTokenizer``) or a Model2Vec folder
+        (``.../model2vec``, for ``model2vec.StaticModel.from_pretrained``)."""
+        seeds = [seed] if seed is not None else list(self.recipe.seeds)
+        for s in seeds:
+            stage = self.path / "stages" / f"student-seed{s}"
+            for name in ("hf", "model2vec"):
+                if (stage / name).is_dir():
+                    return stage / name
+        raise DistillError(
+            f"run {self.path} has no student folder (hf/ or model2vec/) under stages/student-seed"
+            f"{seed if seed is not None else '<N>'}: only Hugging Face and static sentence students are saved so; "
+            "others have their weights file (student.safetensors) and `distill export`"
         )
 
     def _build(self, spec, weights: Path | None) -> nn.Module:

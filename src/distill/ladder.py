@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from distill.errors import DistillError
+from distill.run_result import RunResult
 
 DEFAULT_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 WIDTH_KEYS = ("width", "width_mult", "hidden")
@@ -266,19 +267,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
 
-def rung_from_results(student: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+def rung_from_results(student: dict[str, Any], results: RunResult | dict[str, Any]) -> dict[str, Any]:
     """A ladder row from one size's ``results.json``: the test score (the task's primary metric,
     e.g. accuracy) alone and distilled, and the gain (the mean of the per-seed differences)."""
-    key = results.get("primary_metric", "accuracy")
-    alone, distilled = results["baseline"], results["student"]
-    a, d = alone["per_seed"][key], distilled["per_seed"][key]
+    results = RunResult.parse(results)
+    key = results.primary_metric
+    alone, distilled = results.baseline, results.student
+    if alone is None or distilled is None:
+        raise DistillError(f"size {student['label']}: the run trained no {'baseline' if alone is None else 'student'}")
+    a, d = alone.per_seed[key], distilled.per_seed[key]
     diffs = [y - x for x, y in zip(a, d)]
     return {
         "label": student["label"], "model": student["model"], "kwargs": student["kwargs"], "metric": key,
-        "alone": alone[key], "alone_std": alone[f"{key}_std"], "alone_per_seed": a,
-        "distilled": distilled[key], "distilled_std": distilled[f"{key}_std"], "distilled_per_seed": d,
+        "alone": alone.metric(key), "alone_std": alone.std(key), "alone_per_seed": a,
+        "distilled": distilled.metric(key), "distilled_std": distilled.std(key), "distilled_per_seed": d,
         "gain": statistics.fmean(diffs), "gain_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-        "agreement": distilled.get("agreement"),
+        "agreement": distilled.metric("agreement"),
     }
 
 
@@ -288,8 +292,12 @@ def plot_ladder(rungs: list[dict[str, Any]], teacher: dict[str, Any], path: Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from matplotlib.ticker import EngFormatter, FormatStrFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import (
+        EngFormatter,
+        FormatStrFormatter,
+        LogLocator,
+        NullFormatter,
+    )
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
     metric = rungs[0].get("metric", "accuracy")
@@ -426,25 +434,26 @@ def run_ladder(
         load_recipe(job)  # a bad size fails before any training
         jobs[size["label"]] = (job, out / "sizes" / f"{i:02d}-{_slug(size['label'])}")
 
-    def done(label: str, results: dict[str, Any]) -> None:
-        b, s = results["baseline"], results["student"]
-        key = results.get("primary_metric", "accuracy")
-        say(f"{label}: test {key} alone {100 * b[key]:.2f}%, distilled {100 * s[key]:.2f}%")
+    def done(label: str, results: RunResult | dict[str, Any]) -> None:
+        results = RunResult.parse(results)
+        key = results.primary_metric
+        say(f"{label}: test {key} alone {100 * results.baseline.metric(key):.2f}%, "
+            f"distilled {100 * results.student.metric(key):.2f}%")
 
-    results = run_recipes(jobs, workers=workers, data_dir=data_dir, on_done=done)
+    runs = run_recipes(jobs, workers=workers, data_dir=data_dir, on_done=done)
     rungs = []
     for size in sizes:
-        rung = rung_from_results(size, results[size["label"]])
+        rung = rung_from_results(size, runs[size["label"]])
         rung.update(params=size["params"], latency_ms=size["latency_ms"])
         rungs.append(rung)
-    first = next(iter(results.values()))
+    first = RunResult.parse(next(iter(runs.values())))
     teacher_kwargs = dict(recipe.teacher.kwargs)
     option = width_option({"model": recipe.teacher.model, "kwargs": teacher_kwargs})
     if option is not None:
         teacher_kwargs.setdefault(*option)
-    key = first.get("primary_metric", "accuracy")
+    key = first.primary_metric
     teacher = {"model": recipe.teacher.model, "kwargs": teacher_kwargs, "params": teacher_params,
-               "latency_ms": teacher_latency, "metric": key, "score": first["teacher"][key]}
+               "latency_ms": teacher_latency, "metric": key, "score": first.teacher.metric(key)}
     finding = capacity_finding(rungs, teacher)
     files = {"json": str(out / "ladder.json"), "csv": str(out / "ladder.csv"),
              "plot": str(plot_ladder(rungs, teacher, out / "ladder.png"))}

@@ -95,6 +95,11 @@ def _pick(outputs: dict[str, torch.Tensor], value: str | list[str]):
     return [outputs[n] for n in value] if isinstance(value, list) else outputs[value]
 
 
+def _output_shape(value) -> tuple[int, ...]:
+    """A teacher output's shape; a top-k teacher (log-probabilities, indices, tail) by its log-probabilities'."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value[0].shape)
+
+
 def _shape(value) -> tuple[int, ...] | list[tuple[int, ...]]:
     return [tuple(v.shape) for v in value] if isinstance(value, list) else tuple(value.shape)
 
@@ -348,7 +353,7 @@ class Distiller(nn.Module):
         self.train(was_training)
         return DryRunReport(
             student_taps={k: tuple(v.shape) for k, v in out.student.items()},
-            teacher_taps={k: tuple(v.shape) for k, v in out.teacher.items()},
+            teacher_taps={k: _output_shape(v) for k, v in out.teacher.items()},
             adapters=adapters,
             terms=values,
             problems=problems,

@@ -1,7 +1,10 @@
 """A whole run from a recipe: teacher → baseline student → distilled student → evaluation → report.
 
 Each stage trains in its own folder under ``RUN_DIR/stages`` with a checkpoint per epoch and a
-``result.json`` when done, so ``resume=True`` skips finished stages and continues the rest.
+``result.json`` when done, so ``resume=True`` skips finished stages and continues the rest. A
+distilled student's folder (``stages/student-seed<N>``) holds ``student.safetensors`` and, when
+its task has one (:meth:`distill.tasks.base.Task.save_pretrained`), the student in its own
+ecosystem's format: ``hf/`` (Hugging Face ``save_pretrained``), ``model2vec/`` (Model2Vec).
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ from distill.measure import count_parameters, size_bytes
 from distill.models import load_weights, save_weights
 from distill.recipes.loader import recipe_to_yaml
 from distill.recipes.schema import ModelSpec, Recipe, StageSpec
-from distill.stage import build_stage, check_runnable, live_signal, make_cache, open_cache, stage_schedule
+from distill.run_result import RoleResult, RunResult
+from distill.stage import (
+    build_stage,
+    check_runnable,
+    live_signal,
+    make_cache,
+    open_cache,
+    stage_schedule,
+)
 from distill.train_config import TrainConfig
 from distill.trainer import distributed_state
 
@@ -207,7 +218,7 @@ class Run:
     def _evaluate(self, model: nn.Module, prepared, reference) -> dict[str, float]:
         return self.task.evaluate(model, prepared, reference, split="test")
 
-    def execute(self) -> dict[str, Any]:
+    def execute(self) -> RunResult:
         recipe = self.recipe
         torch.set_num_threads(recipe.threads or free_cores())
         if self.main:
@@ -261,6 +272,8 @@ class Run:
                     metrics = self._evaluate(model, prepared, teacher_logits)
                     if self.main:
                         save_weights(model, weights)
+                        if role == "student":  # also in its ecosystem's format (hf/, model2vec/), when it has one
+                            task.save_pretrained(model, prepared, weights.parent)
                         write_json(weights.parent / "result.json", {"test": metrics, "history": history})
                     self.state.wait_for_everyone()
                     if role == "student" and student_model is None:
@@ -274,28 +287,28 @@ class Run:
                     self.say(gate.summary())
 
         results = self._summarise(teacher, teacher_metrics, per_seed, prepared)
-        results["teacher_gate"] = gate.to_dict()
+        results.teacher_gate = gate.to_dict()
         differs = schedule_difference(recipe)
-        if differs and "baseline" in results and "student" in results:
-            results["schedule_difference"] = differs
-            results["verdict"] += (f" (not like for like: the distilled student trains with another schedule than "
-                                   f"the student alone: {differs})")
+        if differs and results.compared:
+            results.schedule_difference = differs
+            results.verdict += (f" (not like for like: the distilled student trains with another schedule than "
+                                f"the student alone: {differs})")
         advice = advise(results, histories, recipe, self.source)
         if advice:
-            results["advice"] = advice
-            results["verdict"] += f". Likely cause: {advice['cause']}. Try: {advice['command']}"
+            results.advice = advice
+            results.verdict += f". Likely cause: {advice['cause']}. Try: {advice['command']}"
         if pilot is not None:
-            results["pilot"] = pilot
+            results.pilot = pilot
         if assistants:
-            results["assistants"] = assistants
+            results.assistants = assistants
         if generations:  # born-again: mean accuracy of each generation (the last is "student")
-            results["generations"] = [statistics.fmean(g) for g in zip(*generations)]
-            if "student" in results:
-                results["generations"].append(results["student"][key])
+            results.generations = [statistics.fmean(g) for g in zip(*generations)]
+            if results.student is not None:
+                results.generations.append(results.student.metric(key))
         if self.main:
             if student_model is not None:
                 save_weights(student_model, self.run_dir / "student.safetensors")
-            write_json(self.run_dir / "results.json", results)
+            results.save(self.run_dir / "results.json")
             from distill.report import write_report
 
             write_report(self.run_dir, results)
@@ -340,7 +353,7 @@ class Run:
             signal = live_signal(recipe, self.task, model)
         return signal, accuracies
 
-    def _summarise(self, teacher, teacher_metrics, per_seed, prepared) -> dict[str, Any]:
+    def _summarise(self, teacher, teacher_metrics, per_seed, prepared) -> RunResult:
         recipe = self.recipe
         student_arch = self.task.build_model(recipe.student, prepared, 0)
         repeats = recipe.evaluate.latency_repeats
@@ -354,16 +367,7 @@ class Run:
 
         teacher_info = describe(teacher)
         student_info = describe(student_arch)
-        results: dict[str, Any] = {
-            "recipe": recipe.name,
-            "task": self.task.name,
-            "primary_metric": self.task.primary_metric,
-            "data": recipe.data.name,
-            "seeds": list(recipe.seeds),
-            "threads": torch.get_num_threads(),
-            "training_samples": len(prepared.train),
-            "teacher": {**teacher_metrics, "agreement": 1.0, "per_seed": None, "model": recipe.teacher.model, **teacher_info},
-        }
+        roles: dict[str, RoleResult] = {}
         for role, rows in per_seed.items():
             if not rows:
                 continue
@@ -374,13 +378,18 @@ class Run:
                 summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             key = self.task.primary_metric
             summary["per_seed"] = {key: [r[key] for r in rows]}
-            results[role] = summary
-        if getattr(prepared, "labelled", None) is not None:  # an unlabelled transfer set (data.labelled)
-            results["labelled_samples"] = len(prepared.labelled)
-        if self.task.report_metrics:  # more columns for the report (e.g. perplexity)
-            results["report_metrics"] = list(self.task.report_metrics)
-        results["verdict"] = verdict(results)
-        return results
+            roles[role] = RoleResult(**summary)
+        labelled = getattr(prepared, "labelled", None)  # an unlabelled transfer set (data.labelled)
+        result = RunResult(
+            recipe=recipe.name, task=self.task.name, primary_metric=self.task.primary_metric,
+            data=recipe.data.name, seeds=list(recipe.seeds), threads=torch.get_num_threads(),
+            training_samples=len(prepared.train), labelled_samples=None if labelled is None else len(labelled),
+            teacher=RoleResult(**{**teacher_metrics, "agreement": 1.0, "model": recipe.teacher.model, **teacher_info}),
+            baseline=roles.get("baseline"), student=roles.get("student"),
+            report_metrics=list(self.task.report_metrics),  # more columns for the report (e.g. perplexity)
+        )
+        result.verdict = verdict(result)
+        return result
 
 
 def _show(key: str, value: float) -> str:
@@ -388,15 +397,16 @@ def _show(key: str, value: float) -> str:
     return f"{100 * value:.2f}%" if 0.0 <= value <= 1.0 and key != "perplexity" else f"{value:.4g}"
 
 
-def verdict(results: dict[str, Any]) -> str:
+def verdict(results: RunResult | dict[str, Any]) -> str:
     """One sentence: did distillation beat the student trained alone, beyond the seed spread?"""
-    if "baseline" not in results or "student" not in results:
+    results = RunResult.parse(results)
+    if not results.compared:
         return "no comparison: the baseline or the distilled student was not trained"
-    key = results.get("primary_metric", "accuracy")
-    b, s = results["baseline"], results["student"]
-    gain = 100 * (s[key] - b[key])
-    spread = 100 * max(b[f"{key}_std"], s[f"{key}_std"])
-    n = len(b["per_seed"][key])
+    key = results.primary_metric
+    b, s = results.baseline, results.student
+    gain = 100 * (s.metric(key) - b.metric(key))
+    spread = 100 * max(b.std(key), s.std(key))
+    n = len(b.per_seed[key])
     if n < 2:
         return f"distilled − baseline = {gain:+.2f} points on one seed: run more seeds to judge"
     if gain > spread:
@@ -436,15 +446,16 @@ def still_improving(histories: list[list[dict[str, float]]], key: str) -> bool:
     return bool(votes) and sum(votes) > len(votes) / 2
 
 
-def advise(results: dict[str, Any], histories: dict[str, list], recipe: Recipe,
+def advise(results: RunResult | dict[str, Any], histories: dict[str, list], recipe: Recipe,
            source: str | None = None) -> dict[str, str] | None:
     """When distillation did not beat the student alone: the likely cause, from what the run measured,
     and the one command to try next (``None`` when it helped, or nothing was compared)."""
-    if "baseline" not in results or "student" not in results or results["verdict"].startswith("distillation helped"):
+    results = RunResult.parse(results)
+    if not results.compared or results.verdict.startswith("distillation helped"):
         return None
-    key = results.get("primary_metric", "accuracy")
-    teacher, alone = results["teacher"][key], results["baseline"][key]
-    spread = max(results["baseline"].get(f"{key}_std", 0.0), results["student"].get(f"{key}_std", 0.0))
+    key = results.primary_metric
+    teacher, alone = results.teacher.metric(key), results.baseline.metric(key)
+    spread = max(results.baseline.std(key), results.student.std(key))
     name = source or "RECIPE"  # the file or preset the run was started from
     epochs = stage_schedule(recipe, recipe.distill).epochs
     if teacher - alone < max(0.01, 2 * spread):
@@ -457,7 +468,7 @@ def advise(results: dict[str, Any], histories: dict[str, list], recipe: Recipe,
         return {"cause": f"the distilled students were still improving at their last epoch ({epochs}): the "
                          "schedule is too short for distillation, which needs patience",
                 "command": f"distill run {name} --set train.epochs={2 * epochs}"}
-    s_agree, b_agree = results["student"].get("agreement"), results["baseline"].get("agreement")
+    s_agree, b_agree = results.student.metric("agreement"), results.baseline.metric("agreement")
     if s_agree is not None and b_agree is not None and s_agree - b_agree < 0.01:
         return {"cause": f"the distilled student agrees with the teacher no more than the student alone does "
                          f"({100 * s_agree:.1f}% vs {100 * b_agree:.1f}%): a capacity gap, the student cannot "
@@ -470,6 +481,8 @@ def advise(results: dict[str, Any], histories: dict[str, list], recipe: Recipe,
             "command": f"distill run {name} --set train.epochs={2 * epochs}"}
 
 
-def run_recipe(recipe: Recipe, run_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """Run ``recipe`` in ``run_dir``; returns the results written to ``results.json``."""
+def run_recipe(recipe: Recipe, run_dir: str | Path, **kwargs: Any) -> RunResult:
+    """Run ``recipe`` in ``run_dir``; returns the results written to ``results.json`` (typed: a
+    :class:`~distill.run_result.RunResult`, which also answers ``result["student"]`` as the dict
+    returned before did)."""
     return Run(recipe, run_dir, **kwargs).execute()

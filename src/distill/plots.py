@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.logbook import read_metrics
+from distill.run_result import RunResult
 
 WIDTH_IN = 12.0  # inches; at DPI that is 1200 px, the width report.html shows plots at
 DPI = 100
@@ -197,16 +198,18 @@ COSTS = (
 )
 
 
-def accuracy_vs_cost_figure(results: dict[str, Any]):
+def accuracy_vs_cost_figure(results: RunResult | dict[str, Any]):
     """The test metric of each role (mean ± std over seeds) against parameters, latency (ms at
     batch 1) and size (bytes), one panel each; a cost no role measured (latency with
     ``evaluate.latency: false``) is left out."""
     from matplotlib.ticker import EngFormatter, FixedLocator, FuncFormatter, NullLocator
 
-    key = results.get("primary_metric", "accuracy")
-    roles = [r for r in ("teacher", "baseline", "student") if results.get(r) and key in results[r]]
-    panels = [c for c in COSTS if any(c[0] in results[r] for r in roles)]
-    values = [results[r][key] for r in roles]
+    results = RunResult.parse(results)
+    key = results.primary_metric
+    measured = {name: role for name, role in results.roles() if role.metric(key) is not None}
+    roles = list(measured)
+    panels = [c for c in COSTS if any(getattr(measured[r], c[0]) is not None for r in roles)]
+    values = [measured[r].metric(key) for r in roles]
     pct = is_fraction(key, values)
     scale = 100.0 if pct else 1.0
     plt = _pyplot()
@@ -220,18 +223,20 @@ def accuracy_vs_cost_figure(results: dict[str, Any]):
         }
         for ax, (cost, xlabel, title) in zip(axes[0], panels):
             for role in roles:
-                s = results[role]
-                if cost not in s:
+                s = measured[role]
+                if getattr(s, cost) is None:
                     continue
                 marker, color = ROLE_MARKERS[role]
                 face = "white" if role == "baseline" else color
-                ax.errorbar(s[cost], scale * s[key], yerr=scale * s.get(f"{key}_std", 0.0), fmt=marker,
+                ax.errorbar(getattr(s, cost), scale * s.metric(key), yerr=scale * s.std(key), fmt=marker,
                             color=color, mfc=face, mew=2, ms=9, capsize=5, label=role_label(role), zorder=3)
-            teacher, student = results.get("teacher", {}), results.get("student") or results.get("baseline") or {}
-            if cost in teacher and student.get(cost) and key in teacher:  # what the student saves
-                ax.annotate(f"{teacher[cost] / student[cost]:.3g}× the student", (teacher[cost], scale * teacher[key]),
+            teacher, student = measured.get("teacher"), measured.get("student") or measured.get("baseline")
+            if teacher is not None and student is not None and getattr(teacher, cost) is not None \
+                    and getattr(student, cost):  # what the student saves
+                t_cost = getattr(teacher, cost)
+                ax.annotate(f"{t_cost / getattr(student, cost):.3g}× the student", (t_cost, scale * teacher.metric(key)),
                             xytext=(0, 12), textcoords="offset points", ha="center", fontsize=10, color="0.3")
-            xs = sorted({results[r][cost] for r in roles if cost in results[r]})
+            xs = sorted({getattr(measured[r], cost) for r in roles if getattr(measured[r], cost) is not None})
             positive = all(x > 0 for x in xs)
             if positive:
                 ax.set_xscale("log")
@@ -270,6 +275,6 @@ def plot_losses(run_dir: str | Path, out: str | Path, primary_metric: str = "acc
     return True
 
 
-def plot_accuracy_vs_cost(results: dict[str, Any], out: str | Path) -> Path:
+def plot_accuracy_vs_cost(results: RunResult | dict[str, Any], out: str | Path) -> Path:
     """Save :func:`accuracy_vs_cost_figure` to ``out``."""
     return save(accuracy_vs_cost_figure(results), out)

@@ -2,65 +2,62 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from distill.checkpoints import atomic_write
-from distill.errors import DistillError
-
-ROLES = (("teacher", "teacher"), ("baseline", "baseline (no teacher)"), ("student", "distilled"))
+from distill.run_result import ROLES, RoleResult, RunResult
 
 
-def _pct(summary: dict, key: str) -> str:
-    if key not in summary:
+def _pct(role: RoleResult, key: str) -> str:
+    value = role.metric(key)
+    if value is None:
         return "–"
-    value = 100 * summary[key]
-    std = summary.get(f"{key}_std")
-    return f"{value:.2f} ± {100 * std:.2f}" if std else f"{value:.2f}"
+    std = role.std(key)
+    return f"{100 * value:.2f} ± {100 * std:.2f}" if std else f"{100 * value:.2f}"
 
 
-def table_rows(results: dict[str, Any]) -> list[list[str]]:
+def table_rows(results: RunResult | dict[str, Any]) -> list[list[str]]:
     """Rows of the evidence table: role, model, accuracy, agreement, KL, ECE, params, latency."""
-    key = results.get("primary_metric", "accuracy")
+    results = RunResult.parse(results)
+    key = results.primary_metric
+    labels = dict(ROLES)
     rows = []
-    for role, label in ROLES:
-        s = results.get(role)
-        if not s:
-            continue
-        kl = s.get("kl_to_teacher")
+    for name, role in results.roles():
+        kl, ece = role.metric("kl_to_teacher"), role.metric("ece")
         rows.append([
-            label,
-            str(s.get("model", "")),
-            _pct(s, key),
-            _pct(s, "agreement") if role != "teacher" else "100",
+            labels[name],
+            role.model,
+            _pct(role, key),
+            _pct(role, "agreement") if name != "teacher" else "100",
             f"{kl:.4f}" if kl is not None else "–",
-            f"{100 * s['ece']:.2f}" if "ece" in s else "–",
-            f"{s['params']:,}",
-            f"{s['latency_ms']:.3f}" if "latency_ms" in s else "–",
-            *(_plain(s, extra) for extra in results.get("report_metrics", [])),
+            f"{100 * ece:.2f}" if ece is not None else "–",
+            f"{role.params:,}" if role.params is not None else "–",
+            f"{role.latency_ms:.3f}" if role.latency_ms is not None else "–",
+            *(_plain(role, extra) for extra in results.report_metrics),
         ])
     return rows
 
 
-def _plain(summary: dict, key: str) -> str:
+def _plain(role: RoleResult, key: str) -> str:
     """A metric that is not a fraction (e.g. perplexity), with its std over seeds."""
-    if key not in summary:
+    value = role.metric(key)
+    if value is None:
         return "–"
-    std = summary.get(f"{key}_std")
-    return f"{summary[key]:.4g} ± {std:.2g}" if std else f"{summary[key]:.4g}"
+    std = role.std(key)
+    return f"{value:.4g} ± {std:.2g}" if std else f"{value:.4g}"
 
 
 HEADER = ["", "model", "accuracy %", "agreement %", "KL(t‖s)", "ECE %", "params", "latency ms"]
 
 
-def header(results: dict[str, Any]) -> list[str]:
+def header(results: RunResult | dict[str, Any]) -> list[str]:
     """The table's columns; the first metric is the task's primary one (accuracy, NDCG@10, mAP...)."""
-    return ["", "model", f"{results.get('primary_metric', 'accuracy')} %", *HEADER[3:],
-            *results.get("report_metrics", [])]
+    results = RunResult.parse(results)
+    return ["", "model", f"{results.primary_metric} %", *HEADER[3:], *results.report_metrics]
 
 
-def markdown_table(results: dict[str, Any]) -> str:
+def markdown_table(results: RunResult | dict[str, Any]) -> str:
     head = header(results)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
@@ -74,16 +71,16 @@ def plot_losses(run_dir: Path, out: Path, primary_metric: str = "accuracy") -> b
     return draw(run_dir, out, primary_metric)
 
 
-def plot_accuracy_vs_params(results: dict[str, Any], out: Path) -> None:
+def plot_accuracy_vs_params(results: RunResult, out: Path) -> None:
     """The test metric against parameters, latency and size (:func:`distill.plots.accuracy_vs_cost_figure`)."""
     from distill.plots import plot_accuracy_vs_cost
 
     plot_accuracy_vs_cost(results, out)
 
 
-def gate_lines(results: dict[str, Any]) -> list[str]:
+def gate_lines(results: RunResult | dict[str, Any]) -> list[str]:
     """The teacher quality gate's outcome and the suggested temperature (:mod:`distill.quality`)."""
-    gate = results.get("teacher_gate")
+    gate = RunResult.parse(results).teacher_gate
     if not gate:
         return []
     if not gate.get("enabled", True):
@@ -98,31 +95,31 @@ PLOTS = (
 )
 
 
-def intro(results: dict[str, Any], markdown: bool = False) -> str:
-    data = f"`{results.get('data')}`" if markdown else str(results.get("data"))
+def intro(results: RunResult | dict[str, Any], markdown: bool = False) -> str:
+    results = RunResult.parse(results)
+    data = f"`{results.data}`" if markdown else str(results.data)
     return (
-        f"Data: {data}; seeds: {results.get('seeds')}; "
-        f"{results.get('primary_metric', 'accuracy')} is the test-set mean "
+        f"Data: {data}; seeds: {results.seeds}; "
+        f"{results.primary_metric} is the test-set mean "
         f"± std over seeds; latency is the median CPU time of one sample at batch 1 with "
-        f"{results.get('threads')} thread(s)."
+        f"{results.threads} thread(s)."
     )
 
 
-def write_report(run_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
+def write_report(run_dir: str | Path, results: RunResult | dict[str, Any] | None = None) -> Path:
     """Write ``report.md``, the self-contained ``report.html`` and their plots into ``run_dir``;
     return the path of ``report.md``."""
     run_dir = Path(run_dir)
-    if results is None:
-        results = load_results(run_dir)
+    results = load_results(run_dir) if results is None else RunResult.parse(results)
     plots = []
     plot_accuracy_vs_params(results, run_dir / PLOTS[0][0])
     plots.append(PLOTS[0])
-    if plot_losses(run_dir, run_dir / PLOTS[1][0], results.get("primary_metric", "accuracy")):
+    if plot_losses(run_dir, run_dir / PLOTS[1][0], results.primary_metric):
         plots.append(PLOTS[1])
-    title = f"distill report: {results.get('recipe', run_dir.name)}"
+    title = f"distill report: {results.recipe or run_dir.name}"
     gates = gate_lines(results)
     lines = [f"# {title}", "", intro(results, markdown=True)]
-    lines += ["", markdown_table(results), "", f"**Verdict:** {results.get('verdict', '')}", ""]
+    lines += ["", markdown_table(results), "", f"**Verdict:** {results.verdict}", ""]
     lines += [f"- {line}" for line in gates] + ([""] if gates else [])
     lines += [line for name, alt in plots for line in (f"![{alt}]({name})", "")]
     text = "\n".join(lines).encode()
@@ -152,19 +149,20 @@ figcaption { color: #555; font-size: 14px; }
 """
 
 
-def html_report(title: str, results: dict[str, Any], images: list[tuple[str, bytes]]) -> str:
+def html_report(title: str, results: RunResult | dict[str, Any], images: list[tuple[str, bytes]]) -> str:
     """One HTML page holding the table, the verdict, the gate and ``images`` (``(caption, png)``)
     as base64 data URIs: no other file, no script, nothing fetched."""
     import base64
     from html import escape
 
+    results = RunResult.parse(results)
     head = "".join(f"<th>{escape(h)}</th>" for h in header(results))
     labels = {label: role for role, label in ROLES}
     body = "\n".join(
         f'<tr class="{labels.get(row[0], "")}">' + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>"
         for row in table_rows(results)
     )
-    verdict = str(results.get("verdict", ""))
+    verdict = results.verdict
     tone = next((t for t in ("helped", "hurt") if verdict.startswith(f"distillation {t}")), "")
     gates = gate_lines(results)
     gate = ("<ul class=\"gate\">" + "".join(f"<li>{escape(g)}</li>" for g in gates) + "</ul>") if gates else ""
@@ -198,11 +196,6 @@ def html_report(title: str, results: dict[str, Any], images: list[tuple[str, byt
 """
 
 
-def load_results(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        raise DistillError(f"{run_dir} has no results.json: is it a finished run directory?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DistillError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+def load_results(run_dir: str | Path) -> RunResult:
+    """The typed results of a finished run directory (:meth:`RunResult.load`)."""
+    return RunResult.load(run_dir)

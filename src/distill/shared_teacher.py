@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import DistillError
+from distill.run_result import RunResult
 
 
 @dataclass
@@ -48,6 +49,11 @@ def cache_obstacle(data: dict[str, Any]) -> str | None:
     task = get_task(data.get("task") or "classification")
     if not task.supports_cache:
         return f"task '{task.name}' has no teacher cache"
+    if task.teacher_cache == "tokens":
+        options = data.get("task_options") or {}
+        if options.get("on_policy") or options.get("sequence_kd"):
+            return "on-policy or sequence-level KD trains on new text, which no cache holds"
+        return None
     augment = data["data"].get("augment") or {}
     if augment.get("shift"):
         return "data.augment.shift changes inputs after the teacher saw them"
@@ -70,8 +76,8 @@ def share_teacher(
     ``teacher.weights``) is used as it is.
     """
     from distill.pipeline import run_recipe
-    from distill.stage import make_cache
     from distill.recipes import load_recipe
+    from distill.stage import make_cache
     from distill.tasks.base import get_task
 
     work = Path(work)
@@ -97,8 +103,9 @@ def share_teacher(
         results = run_recipe(load_recipe(solo), work / "teacher", data_dir=data_dir, overwrite=True,
                              progress=False)
         weights = str(work / "teacher" / "teacher.safetensors")
-        trained, score = True, results["teacher"][results.get("primary_metric", "accuracy")]
-        params = results["teacher"].get("params")
+        results = RunResult.parse(results)
+        trained, score = True, results.teacher.metric(results.primary_metric)
+        params = results.teacher.params
     else:
         weights = str(teacher["weights"])
         params = None
@@ -124,7 +131,7 @@ def share_teacher(
     return shared
 
 
-def _run_job(data: dict[str, Any], run_dir: str, data_dir: str | Path | None) -> dict[str, Any]:
+def _run_job(data: dict[str, Any], run_dir: str, data_dir: str | Path | None) -> RunResult:
     """One recipe run, in this process or a worker (its threads: the recipe's ``threads``)."""
     import torch
 
@@ -138,7 +145,7 @@ def _run_job(data: dict[str, Any], run_dir: str, data_dir: str | Path | None) ->
 def run_recipes(
     jobs: dict[str, tuple[dict[str, Any], str | Path]], workers: int = 1, data_dir: str | Path | None = None,
     on_done=None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, RunResult]:
     """Run recipe mappings ``{name: (recipe, run_dir)}``, ``workers`` at a time in their own
     processes (each with its recipe's ``threads``); returns ``{name: results}`` in the given order.
     ``on_done(name, results)`` is called as each finishes."""

@@ -82,6 +82,8 @@ def check_runnable(recipe, task) -> None:
         return
     if not task.supports_cache:
         raise DistillError(f"teacher.cache is not available for task '{task.name}'; use the live teacher")
+    if task.teacher_cache == "tokens":
+        return  # text: no augmentation to replay; the task refuses what rewrites batches (on-policy text)
     if recipe.data.augment.shift or recipe.distill.mixup_alpha:
         raise DistillError(
             "teacher.cache cannot serve data.augment.shift or distill.mixup_alpha: those change the "
@@ -112,23 +114,48 @@ def cache_loader(recipe, task, prepared):
 
 
 def make_cache(recipe, task, teacher: nn.Module, prepared, path: str | Path) -> Path:
-    """Run ``teacher`` once over the training set (every replayed view) and store its outputs."""
-    from distill.cache import build_cache
-
+    """Run ``teacher`` once over the training set (every replayed view, or every example and token)
+    and store its outputs: :mod:`distill.cache` for image samples, :mod:`distill.token_cache` for text."""
     if not task.supports_cache:
         raise DistillError(f"a teacher cache is not available for task '{task.name}'; use the live teacher")
+    if task.teacher_cache == "tokens":
+        from distill.token_cache import build_token_cache
+
+        batch_size = stage_schedule(recipe, recipe.distill).batch_size
+        return build_token_cache(
+            teacher, lambda: task.cache_batches(recipe, prepared, batch_size), path,
+            num_samples=len(prepared.train), token_mask=task.cache_token_mask(teacher),
+            fingerprint=_token_fingerprint(recipe, task, teacher, prepared), taps=teacher_taps(recipe),
+            topk=recipe.teacher.cache_topk, dtype=recipe.teacher.cache_dtype, feed=task.feed,
+        )
+    from distill.cache import build_cache
+
     return build_cache(
         teacher, cache_loader(recipe, task, prepared), path, taps=teacher_taps(recipe),
         topk=recipe.teacher.cache_topk, dtype=recipe.teacher.cache_dtype,
     )
 
 
-def open_cache(recipe, task, teacher: nn.Module, prepared, path: str | Path):
-    """The cache at ``path``, refused unless it was made by this teacher on this data and transforms."""
-    from distill.cache import TeacherCache, fingerprint
+def _token_fingerprint(recipe, task, teacher: nn.Module, prepared) -> dict:
+    from distill.token_cache import token_fingerprint
 
+    parts = task.cache_fingerprint(recipe, prepared, teacher)
+    return token_fingerprint(teacher, data=parts["data"], tokenizer=parts["tokenizer"], vocab=parts["vocab"],
+                             samples=len(prepared.train))
+
+
+def open_cache(recipe, task, teacher: nn.Module, prepared, path: str | Path):
+    """The cache at ``path``, refused unless it was made by this teacher on this data and transforms
+    (and, for text, this tokenizer and vocabulary)."""
     if not Path(path).exists():
         raise DistillError(f"teacher cache {path} does not exist; build it with `distill cache RECIPE --out {path}`")
+    if task.teacher_cache == "tokens":
+        from distill.token_cache import TokenCache
+
+        return TokenCache(path, token_mask=task.cache_token_mask(teacher),
+                          expect_fingerprint=_token_fingerprint(recipe, task, teacher, prepared))
+    from distill.cache import TeacherCache, fingerprint
+
     return TeacherCache(path, expect_fingerprint=fingerprint(teacher, cache_loader(recipe, task, prepared)))
 
 

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class TrainConfig(BaseModel):
-    """A training schedule: optimizer, learning rate and its schedule, precision, checkpoints,
-    early stopping."""
+    """A training schedule: optimizer, learning rate and its schedule, precision, sharding,
+    checkpoints, early stopping."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -43,6 +43,11 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last is always saved)")
     tensorboard: bool = Field(True, description="also log to TensorBoard when it is installed")
     cpu: bool = Field(False, description="train on the CPU even when an accelerator is present")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="fsdp: shard the student's parameters, gradients and optimizer state across the launched "
+        "processes (FSDP2, through accelerate); the teacher is not sharded. One process trains unsharded",
+    )
     seed: int = Field(0, ge=0, description="set by distill run for each of the recipe's seeds")
     progress: bool = Field(True, description="set by distill run (--quiet turns it off)")
 

@@ -2,8 +2,8 @@
 
 It trains any module whose ``forward(batch)`` returns an object with ``.loss`` (a scalar) and
 ``.terms`` (named scalars to log), such as :class:`distill.Distiller`. It knows no method by name.
-Devices, mixed precision and data-parallel processes come from HF ``accelerate``: start the same
-script with ``accelerate launch`` or ``torchrun`` to run on several processes.
+Devices, mixed precision, data-parallel processes and sharding (FSDP) come from HF ``accelerate``:
+start the same script with ``accelerate launch`` or ``torchrun`` to run on several processes.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.accelerate_compat import end_window, plain_optimizer, reset_precision_state
+from distill.accelerate_compat import (end_window, fsdp_on_cpu, launcher_environment, plain_optimizer, prepare_state,
+                                      reset_precision_state)
 from distill.allocator import keep_freed_memory
 from distill.callbacks import (Callback, CallbackList, Checkpointing, EarlyStopping, EpochHook, FitState,
                                MetricsLogger, ProgressDisplay, global_callbacks)
 from distill.errors import DistillError
 from distill.schedules import learning_rate
+from distill.sharding import Unsharding, shard, total_grad_norm, whole
 from distill.signals import move_batch
 from distill.train_config import TrainConfig
 
@@ -66,8 +68,41 @@ def distributed_state(cpu: bool = False):
     return PartialState(cpu=use_cpu(cpu))
 
 
+def shards(config: TrainConfig) -> bool:
+    """Whether a fit with ``config`` shards the model (FSDP): ``config.sharding`` is ``fsdp`` (or the
+    launcher asked for FSDP: ``accelerate launch --use_fsdp``) and several processes were launched.
+    On one process there is nothing to shard across: the model trains whole."""
+    asked = config.sharding == "fsdp" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if not asked or distributed_state(config.cpu).num_processes < 2:
+        return False
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise DistillError(
+            "train.sharding=fsdp and a DeepSpeed launch would both shard the student; "
+            "launch without DeepSpeed, or set train.sharding=none"
+        )
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        raise DistillError(f"train.sharding=fsdp needs torch >= 2.6 (FSDP2); this is torch {torch.__version__}")
+    return True
+
+
+def fsdp_plugin():
+    """accelerate's FSDP2 settings for a sharded fit. distill picks the units itself
+    (:func:`distill.sharding.shard_units`) and keeps the module tree as it is (no activation
+    checkpointing wrappers, no loading on the meta device), so that the trained model can be handed
+    back plain; the rest (``FSDP_RESHARD_AFTER_FORWARD``, ``FSDP_OFFLOAD_PARAMS``, ...) follows the
+    launcher's environment, as in accelerate."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="no_wrap", activation_checkpointing=False,
+        cpu_ram_efficient_loading=False,
+    )
+
+
 def make_accelerator(config: TrainConfig):
-    """An ``accelerate.Accelerator`` for ``config``; re-created when precision settings change."""
+    """An ``accelerate.Accelerator`` for ``config``; re-created when precision or sharding changes."""
     from accelerate import Accelerator
 
     kwargs = dict(
@@ -75,13 +110,21 @@ def make_accelerator(config: TrainConfig):
         gradient_accumulation_steps=config.grad_accum,
         cpu=use_cpu(config.cpu),
     )
-    try:
-        return Accelerator(**kwargs)
-    except ValueError:
-        # Another stage in this process used other precision settings: start the state afresh
-        # (the process group, if any, is kept).
-        reset_precision_state()
-        return Accelerator(**kwargs)
+    sharded = shards(config)
+    if sharded:
+        kwargs["fsdp_plugin"] = fsdp_plugin()
+    prepare_state(sharded)
+    with launcher_environment():  # an Accelerator given a plugin would set ACCELERATE_USE_FSDP for good
+        try:
+            accelerator = Accelerator(**kwargs)
+        except ValueError:
+            # Another stage in this process used other precision settings: start the state afresh
+            # (the process group, if any, is kept).
+            reset_precision_state()
+            accelerator = Accelerator(**kwargs)
+    if sharded:
+        fsdp_on_cpu(accelerator, kwargs["fsdp_plugin"])
+    return accelerator
 
 
 def _seed_for(*parts: int) -> int:
@@ -125,6 +168,10 @@ class Trainer:
     with each epoch and an epoch's last step always ends one (as with accelerate's own data
     loaders), so no gradient is carried past an epoch's end, where the checkpoint is, and a resumed
     run takes the same steps as an uninterrupted one.
+
+    With ``config.sharding = "fsdp"`` on several processes, the model is sharded (FSDP2) for the fit
+    and handed back whole and plain at its end (:mod:`distill.sharding`); a teacher held outside
+    the model's module tree, as :class:`distill.Distiller` holds it, is not sharded.
 
     Early stopping (``config.early_stopping_patience``) and ``config.restore_best`` follow
     ``config.monitored()``: ``config.monitor``, else ``val_accuracy`` (set ``monitor`` to the
@@ -191,12 +238,20 @@ class Trainer:
             raise
         finally:
             run.callbacks.on_fit_end(run)
+            if run.unsharding is not None and run.error is None:
+                run.unwrapped = run.unsharding.restore()  # the model back as it came: whole, plain
         self.history, self.stopped_early, self.model = run.history, run.should_stop, run.unwrapped
         return self.history
 
     def _start(self, resume: bool) -> FitState:
         """The accelerator, the prepared model and optimizer, the loader's shard, the callbacks."""
         accelerator = make_accelerator(self.config)
+        unsharding = None
+        if accelerator.is_fsdp2:  # sharded before the optimizer is made; accelerate leaves the model as it is
+            unsharding = Unsharding(self.model)
+            plugin = accelerator.state.fsdp_plugin
+            shard(self.model, reshard_after_forward=plugin.reshard_after_forward,
+                  mp_policy=plugin.mixed_precision_policy, offload_policy=plugin.cpu_offload)
         optimizer = make_optimizer(self.model.parameters(), self.config)
         model, optimizer = accelerator.prepare(self.model, optimizer)
         if accelerator.device.type == "cpu":
@@ -210,6 +265,7 @@ class Trainer:
                 "the training loader yields no batch: the batch size is larger than the data set"
             )
         run = FitState(self, accelerator, model, accelerator.unwrap_model(model), optimizer, steps, resume)
+        run.unsharding = unsharding
         run.callbacks = CallbackList([*self._own_callbacks(run), *self.callbacks, *global_callbacks()])
         return run
 
@@ -316,20 +372,23 @@ class _Step:
     def _sample_grad_norm(self) -> None:
         stats, accelerator, clip = self.run.stats, self.accelerator, self.cfg.clip_grad_norm
         if clip:  # clipping computes the norm anyway: log every step
-            stats.grad_norms.append(accelerator.clip_grad_norm_(self.run.model.parameters(), clip))
+            stats.grad_norms.append(whole(accelerator.clip_grad_norm_(self.run.model.parameters(), clip)))
         elif stats.updates % GRAD_NORM_EVERY == 0:
-            stats.grad_norms.append(_grad_norms(accelerator, self.params))
+            stats.grad_norms.append(_grad_norms(accelerator, self.params, sharded=self.run.unsharding is not None))
         stats.updates += 1
 
 
-def _grad_norms(accelerator, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def _grad_norms(accelerator, params: list[torch.Tensor], sharded: bool = False):
     """The L2 norm of each parameter's gradient (0-d tensors), unscaled.
 
     One fused call and no device sync per step: the total norm is taken once per epoch, in
-    :func:`_mean_norm`, which keeps the trainer's per-step overhead small.
+    :func:`_mean_norm`, which keeps the trainer's per-step overhead small. A sharded model's
+    processes each hold a shard of every gradient: they take the total norm together (0-d tensor).
     """
     if accelerator.scaler is not None:  # fp16: gradients are still multiplied by the loss scale
         accelerator.unscale_gradients()
+    if sharded:
+        return total_grad_norm(params)
     return tuple(torch._foreach_norm([p.grad for p in params if p.grad is not None]))
 
 

@@ -5,15 +5,13 @@
     loader = BatchLoader(data.train, 128, shuffle=True, mean=data.mean, std=data.std)
 
 Registered data sets: ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``image-folder``, ``arrays``,
-``digits``, ``mnist1d``, ``tinyshakespeare`` (language modelling), ``ml-100k`` (implicit-feedback ranking; see :mod:`distill.tasks.ranking`), and
+``digits``, ``mnist1d``, ``tinyshakespeare`` and ``text`` (language modelling), ``ml-100k`` (implicit-feedback ranking; see :mod:`distill.tasks.ranking`), and
 ``mnist-detection`` (MNIST digits on canvases, with boxes; see :mod:`distill.tasks.detection`).
 """
 
-# Importing the builder modules registers their data sets.
-from distill.data import arrays, cifar, image_folder, mnist, movielens, offline  # noqa: F401
-from distill.data import cifar100  # noqa: F401
-from distill.data import tinyshakespeare  # noqa: F401  (next-token blocks, char or GPT-2 tokens)
-from distill.data import digit_canvas  # noqa: F401  (mnist-detection: digits on canvases, with boxes)
+import importlib
+import pkgutil
+
 from distill.data.augment import mixup_inputs, normalize, random_crop_flip
 from distill.data.interactions import Interactions, leave_one_out
 from distill.data.loader import BatchLoader
@@ -25,3 +23,13 @@ __all__ = [
     "DATASETS", "load_dataset", "default_data_dir", "DataSplits", "ArrayDataset", "BatchLoader",
     "split_validation", "random_crop_flip", "normalize", "mixup_inputs", "Interactions", "leave_one_out",
 ]
+
+
+def _register_all() -> None:
+    """Import every module of this package: each registers its data sets as it is imported (with
+    :func:`distill.data.arrays.register_builder`), so a new data set is one new file, no list to edit."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_all()

@@ -42,7 +42,9 @@ one; higher-order gradients are not supported. Measured (``tests/test_token_loss
 ``[4, 256, 512]`` logits from a linear layer): forward and backward allocate at most 1.8× the
 logits' size with 64-token chunks (1× is their gradient, the rest about 27 chunk-sized fp32
 temporaries; a weighted term adds a scaled copy of the gradient in backward), against 13.5× in
-one chunk and 11× for the same formula in plain autograd.
+one chunk and 11× for the same formula in plain autograd. The logits themselves (both models'
+``[tokens, V]``) are not avoided here: :mod:`distill.losses.fused_head` takes the output heads
+instead and computes the logits chunk by chunk inside the loss.
 
 **Top-k teachers.** With ``topk=k`` the two distributions (after the temperature) are compared
 after coarsening them to ``k + 1`` outcomes: the teacher's k most probable tokens, and one tail bucket holding the rest of
@@ -167,12 +169,14 @@ def common_vocab(student_width: int, teacher_width: int, vocab_size: int | None)
     )
 
 
-def _check_common(name: str, student: torch.Tensor, lead: tuple[int, ...], mask, temperature: float, chunk_tokens: int):
-    if student.dim() < 2:
-        raise ValueError(f"{name}: student logits must be [..., V] (e.g. [B, T, V]), got {tuple(student.shape)}")
-    if tuple(student.shape[:-1]) != lead:
+def _check_common(name: str, student: tuple[int, ...], lead: tuple[int, ...], mask, temperature: float,
+                  chunk_tokens: int):
+    """``student``: the shape of the student's logits ``[..., V]``; ``lead``: the teacher's positions."""
+    if len(student) < 2:
+        raise ValueError(f"{name}: student logits must be [..., V] (e.g. [B, T, V]), got {student}")
+    if student[:-1] != lead:
         raise ValueError(
-            f"{name}: student logits {tuple(student.shape)} and teacher {lead + ('...',)} differ in their "
+            f"{name}: student logits {student} and teacher {lead + ('...',)} differ in their "
             "positions; both must be [B, T, ...] for the same tokens"
         )
     if mask is not None and tuple(mask.shape) != lead:
@@ -335,8 +339,34 @@ def token_divergence(
     ``row_loss(log_t, log_s)`` maps fp32 log-probabilities ``[n, V']`` to per-position values ``[n]``.
     """
     parts, explicit = _teacher_parts(name, teacher)
+    plan = divergence_plan(name, tuple(student_logits.shape), parts if explicit else tuple(parts[0].shape), mask,
+                           student_logits.device, temperature=temperature, chunk_tokens=chunk_tokens,
+                           vocab_size=vocab_size, topk=topk, kl_family=kl_family)
+    return _apply(plan, row_loss, student_logits, parts)
+
+
+def divergence_plan(
+    name: str,
+    student_shape: tuple[int, ...],
+    teacher: tuple[int, ...] | Sequence[torch.Tensor],
+    mask: torch.Tensor | None,
+    device: torch.device,
+    *,
+    temperature: float,
+    chunk_tokens: int,
+    vocab_size: int | None,
+    topk: int | None,
+    kl_family: bool,
+) -> _Plan:
+    """Check a token divergence's arguments and plan its chunks, from the shapes of the logits (which
+    need not exist: :mod:`distill.losses.fused_head` computes them chunk by chunk).
+
+    ``student_shape``: the student logits' ``[..., V_s]``; ``teacher``: the dense teacher logits'
+    shape ``[..., V_t]``, or the three tensors of a top-k teacher.
+    """
+    explicit = not all(isinstance(d, int) for d in teacher)
     if explicit:
-        values, index, tail = parts
+        values, index, tail = teacher
         lead = tuple(values.shape[:-1])
         if tuple(index.shape) != tuple(values.shape) or tuple(tail.shape) != lead:
             raise ValueError(
@@ -346,14 +376,14 @@ def token_divergence(
         if index.dtype.is_floating_point:
             raise ValueError(f"{name}: top-k indices must be integers, got {index.dtype}")
     else:
-        if parts[0].dim() < 2:
-            raise ValueError(f"{name}: teacher logits must be [..., V] (e.g. [B, T, V]), got {tuple(parts[0].shape)}")
-        lead = tuple(parts[0].shape[:-1])
-    _check_common(name, student_logits, lead, mask, temperature, chunk_tokens)
+        if len(teacher) < 2:
+            raise ValueError(f"{name}: teacher logits must be [..., V] (e.g. [B, T, V]), got {teacher}")
+        lead = teacher[:-1]
+    _check_common(name, student_shape, lead, mask, temperature, chunk_tokens)
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
         raise ValueError(f"{name}: topk must be a positive integer or None, got {topk!r}")
     if explicit:
-        vocab = common_vocab(student_logits.shape[-1], student_logits.shape[-1], vocab_size)
+        vocab = common_vocab(student_shape[-1], student_shape[-1], vocab_size)
         if temperature != 1.0:
             raise ValueError(
                 f"{name}: a top-k teacher holds log-probabilities at temperature 1 and a tail mass that "
@@ -365,10 +395,9 @@ def token_divergence(
                 "compared; set vocab_size to the real vocabulary"
             )
     else:
-        vocab = common_vocab(student_logits.shape[-1], parts[0].shape[-1], vocab_size)
-    plan = _plan(vocab, chunk_tokens, lead, mask, student_logits.device, temperature,
+        vocab = common_vocab(student_shape[-1], teacher[-1], vocab_size)
+    return _plan(vocab, chunk_tokens, lead, mask, device, temperature,
                  float(temperature) ** 2 if kl_family else 1.0, topk, "explicit" if explicit else "dense")
-    return _apply(plan, row_loss, student_logits, parts)
 
 
 def _plan(vocab, chunk_tokens, lead, mask, device, temperature, scale, topk, mode) -> _Plan:
@@ -460,11 +489,9 @@ def token_gjsd_loss(
     value therefore jumps at the endpoints; compare runs at different β by their metrics, not by
     the loss's magnitude.
     """
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"token_gjsd: beta must be in [0, 1], got {beta!r}")
-    return token_divergence("token_gjsd", generalized_jsd(float(beta)), student_logits, teacher_logits, mask,
-                            temperature=temperature, chunk_tokens=chunk_tokens, vocab_size=vocab_size, topk=topk,
-                            kl_family=True)
+    return token_divergence("token_gjsd", generalized_jsd(check_beta("token_gjsd", beta)), student_logits,
+                            teacher_logits, mask, temperature=temperature, chunk_tokens=chunk_tokens,
+                            vocab_size=vocab_size, topk=topk, kl_family=True)
 
 
 @register_loss("token_tvd", inputs=("student", "teacher", "mask"), example=_example)
@@ -483,7 +510,13 @@ def token_tvd_loss(
                             kl_family=False)
 
 
-def _check_alpha(name: str, alpha: float) -> float:
+def check_beta(name: str, beta: float) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"{name}: beta must be in [0, 1], got {beta!r}")
+    return float(beta)
+
+
+def check_alpha(name: str, alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < 1.0:
         raise ValueError(f"{name}: alpha must be in [0, 1) (alpha = 1 makes the divergence 0), got {alpha!r}")
     return float(alpha)
@@ -503,7 +536,7 @@ def token_skl_loss(
     """DistiLLM's skew KL per token, × T²: ``KL(p_t ‖ α p_t + (1 − α) p_s)`` (Ko et al. 2024; their
     default α = 0.1). α = 0 is forward KL; mixing in the teacher bounds the log-ratio by
     ``−log α``, which keeps gradients finite where the student gives a teacher token no mass."""
-    alpha = _check_alpha("token_skl", alpha)
+    alpha = check_alpha("token_skl", alpha)
     return token_divergence("token_skl", skew_kl(alpha), student_logits, teacher_logits, mask,
                             temperature=temperature, chunk_tokens=chunk_tokens, vocab_size=vocab_size, topk=topk,
                             kl_family=True)
@@ -522,7 +555,7 @@ def token_srkl_loss(
 ) -> torch.Tensor:
     """DistiLLM's skew reverse KL per token, × T²: ``KL(p_s ‖ (1 − α) p_t + α p_s)`` (Ko et al.
     2024). α = 0 is reverse KL."""
-    alpha = _check_alpha("token_srkl", alpha)
+    alpha = check_alpha("token_srkl", alpha)
     return token_divergence("token_srkl", skew_reverse_kl(alpha), student_logits, teacher_logits, mask,
                             temperature=temperature, chunk_tokens=chunk_tokens, vocab_size=vocab_size, topk=topk,
                             kl_family=True)
@@ -543,12 +576,28 @@ def token_ce_loss(
     The hard-label term of a causal LM (``ce`` is for ``[B, C]`` classification logits); chunked
     like the divergences, and ``vocab_size`` cuts a padded vocabulary (a label beyond it raises).
     """
-    name = "token_ce"
+    plan = token_ce_plan("token_ce", tuple(student_logits.shape), labels, mask, student_logits.device,
+                         chunk_tokens=chunk_tokens, vocab_size=vocab_size, ignore_index=ignore_index)
+    return _apply(plan, lambda *_: None, student_logits, [labels])
+
+
+def token_ce_plan(
+    name: str,
+    student_shape: tuple[int, ...],
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    device: torch.device,
+    *,
+    chunk_tokens: int,
+    vocab_size: int | None,
+    ignore_index: int,
+) -> _Plan:
+    """Check ``token_ce``'s arguments and plan its chunks from the shape of the student's logits."""
     lead = tuple(labels.shape)
-    _check_common(name, student_logits, lead, mask, 1.0, chunk_tokens)
+    _check_common(name, student_shape, lead, mask, 1.0, chunk_tokens)
     if labels.dtype.is_floating_point:
         raise ValueError(f"{name}: labels must be integer token ids, got {labels.dtype}")
-    vocab = common_vocab(student_logits.shape[-1], student_logits.shape[-1], vocab_size)
+    vocab = common_vocab(student_shape[-1], student_shape[-1], vocab_size)
     keep = labels != ignore_index
     if mask is not None:
         keep = keep & (mask != 0)
@@ -556,8 +605,7 @@ def token_ce_loss(
     if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= vocab):
         bad = int(scored.max()) if int(scored.max()) >= vocab else int(scored.min())
         raise ValueError(f"{name}: label {bad} is outside the {vocab}-token vocabulary")
-    plan = _plan(vocab, chunk_tokens, lead, keep, student_logits.device, 1.0, 1.0, None, "labels")
-    return _apply(plan, lambda *_: None, student_logits, [labels])
+    return _plan(vocab, chunk_tokens, lead, keep, device, 1.0, 1.0, None, "labels")
 
 
 for _fn in (token_fkl_loss, token_rkl_loss, token_gjsd_loss, token_tvd_loss, token_skl_loss, token_srkl_loss):

@@ -43,7 +43,28 @@ class BiLSTMClassifier(nn.Module):
             lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], dtype=torch.long)
         else:
             lengths = attention_mask.sum(-1).clamp_min(1).cpu()
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, (h, _) = self.lstm(packed)  # h: [2, B, H], the forward and backward final states
-        features = self.features(torch.cat([h[0], h[1]], dim=-1))
+        if torch.onnx.is_in_onnx_export():  # ONNX has no packed sequences
+            states = self._final_states_unpacked(x, lengths)
+        else:
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            _, (h, _) = self.lstm(packed)  # h: [2, B, H], the forward and backward final states
+            states = torch.cat([h[0], h[1]], dim=-1)
+        features = self.features(states)
         return self.classifier(self.hidden(features))
+
+    def _final_states_unpacked(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``[B, 2H]``: the final states of packed sequences, from padded ones. Forward: the output
+        after each row's last real token (right padding comes later). Backward: the same LSTM on a
+        copy with each row moved right, so the backward pass reads the real tokens first; its output
+        at the first real token has seen exactly those."""
+        batch, steps, width = x.shape
+        hidden = self.lstm.hidden_size
+        lengths = lengths.to(x.device).reshape(batch, 1)
+        positions = torch.arange(steps, device=x.device).reshape(1, steps)
+        out, _ = self.lstm(x)
+        forward = out.gather(1, (lengths - 1).reshape(batch, 1, 1).expand(batch, 1, 2 * hidden))[:, 0, :hidden]
+        shift = steps - lengths
+        moved = x.gather(1, ((positions - shift) % steps).unsqueeze(-1).expand(batch, steps, width))
+        out, _ = self.lstm(moved)
+        backward = out.gather(1, shift.reshape(batch, 1, 1).expand(batch, 1, 2 * hidden))[:, 0, hidden:]
+        return torch.cat([forward, backward], dim=-1)

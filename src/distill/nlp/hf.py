@@ -3,6 +3,7 @@
     model, tokenizer = load_pretrained("path/or/hub-name", num_labels=2)     # HFModel, its tokenizer
     student = from_config({"model_type": "bert", "hidden_size": 192, "num_hidden_layers": 2,
                            "num_attention_heads": 12, "intermediate_size": 768}, num_labels=2)
+    save_pretrained(student, "out/student-hf", tokenizer)    # AutoModelFor...from_pretrained loads it
 
 :class:`HFModel` wraps a ``transformers`` model so that its per-layer outputs are tap points, ordinary
 submodules that :class:`distill.taps.Taps` hooks by name like any other:
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -68,7 +70,7 @@ class HFModel(nn.Module):
     (``attention_mask``, ``token_type_ids``, ...; others, such as ``labels``, are dropped) and
     returns the model's output object; :func:`distill.taps.output_tensor` reads its ``logits``.
     ``model`` is the wrapped ``PreTrainedModel``: save the trained student with
-    ``wrapper.model.save_pretrained(path)``.
+    :func:`save_pretrained` (``wrapper.model.save_pretrained(path)`` plus the tokenizer, atomically).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -229,3 +231,36 @@ def from_config(
             torch.manual_seed(seed)
             return HFModel(auto.from_config(config))
     return HFModel(auto.from_config(config))
+
+
+def save_pretrained(model: nn.Module, folder: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+    """Write ``model`` (an :class:`HFModel`, or a bare ``transformers`` model) as a Hugging Face
+    folder, with ``tokenizer`` (a ``transformers`` tokenizer) when given, so that the Auto classes
+    load it back: ``AutoModelForSequenceClassification.from_pretrained(folder)`` (or
+    ``AutoModelForCausalLM``, ``AutoModel``: the class of the head it has) and
+    ``AutoTokenizer.from_pretrained(folder)``. The folder is built aside and moved into place
+    (:func:`distill.checkpoints.atomic_directory`); returns its path."""
+    from distill.checkpoints import atomic_directory
+
+    inner = model.model if isinstance(model, HFModel) else model
+    if not hasattr(inner, "save_pretrained"):
+        raise DistillError(f"{type(model).__name__} is no Hugging Face model; save its weights with "
+                           "distill.models.save_weights instead")
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        raise DistillError(f"{type(tokenizer).__name__} is no transformers tokenizer; pass tokenizer=None")
+    transformers = require_transformers()
+
+    def write(tmp: Path) -> None:
+        verbosity, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars on a run's log
+        try:
+            inner.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
+
+    return atomic_directory(Path(os.path.expanduser(os.fspath(folder))), write)

@@ -4,6 +4,7 @@ embedding-table student.
     teacher, tok = load_sentence_encoder("path/to/all-MiniLM-L6-v2")     # SentenceEncoder, tokenizer
     student = truncated_encoder(teacher, layers=[0, 5])                   # 2 of its 6 layers
     static = StaticEmbedding.from_encoder(teacher, tok)                   # one vector per token
+    static.save_model2vec("out/static", tok)                              # model2vec.StaticModel loads it
     vectors = embed(student, tok, ["A man plays a guitar.", ...])         # float32 [N, D], unit length
 
 Both models take a Hugging Face model's keyword inputs (``input_ids`` ``[B, T]``,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,12 +106,16 @@ class StaticEmbedding(nn.Module):
     read off the teacher).
 
     ``forward(input_ids [B, T], attention_mask [B, T] | None)`` -> float ``[B, D]`` (unit length
-    unless ``normalize=False``); positions with mask 0 and the ``padding_idx`` token are left out of
-    the mean. Tap point: ``pooled`` ``[B, D]`` (the mean, before normalisation). Initialise it from
-    a teacher with :meth:`from_encoder`.
+    unless ``normalize=False``); positions with mask 0, the ``padding_idx`` token and the
+    ``skip_ids`` tokens are left out of the mean. :meth:`from_vectors` skips the tokenizer's special
+    tokens (``[CLS]``, ``[SEP]``, ``[UNK]``, ...), as Model2Vec does, so that the model saved by
+    :meth:`save_model2vec` gives the same embeddings under ``model2vec.StaticModel``. Tap point:
+    ``pooled`` ``[B, D]`` (the mean, before normalisation). Initialise it from a teacher with
+    :meth:`from_encoder`.
     """
 
-    def __init__(self, vocab_size: int, dim: int = 256, padding_idx: int = 0, normalize: bool = True) -> None:
+    def __init__(self, vocab_size: int, dim: int = 256, padding_idx: int = 0, normalize: bool = True,
+                 skip_ids: Sequence[int] = ()) -> None:
         super().__init__()
         if vocab_size < 1 or dim < 1 or not 0 <= padding_idx < vocab_size:
             raise DistillError(f"StaticEmbedding needs vocab_size, dim >= 1 and padding_idx in the vocabulary, "
@@ -120,6 +126,9 @@ class StaticEmbedding(nn.Module):
             self.embedding.weight[padding_idx].zero_()
         self.padding_idx = padding_idx
         self.normalize = normalize
+        skipped = sorted({int(i) for i in skip_ids if 0 <= int(i) < vocab_size} - {padding_idx})
+        # not persistent: weights files hold the table alone, as before skip_ids existed
+        self.register_buffer("skip_ids", torch.tensor(skipped, dtype=torch.long), persistent=False)
         self.pooled = nn.Identity()
 
     @property
@@ -130,6 +139,8 @@ class StaticEmbedding(nn.Module):
         ids = torch.as_tensor(input_ids).long()
         if attention_mask is not None:
             ids = ids.masked_fill(attention_mask == 0, self.padding_idx)
+        if self.skip_ids.numel():
+            ids = ids.masked_fill(torch.isin(ids, self.skip_ids), self.padding_idx)
         pooled = self.pooled(self.embedding(ids))
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
@@ -151,9 +162,10 @@ class StaticEmbedding(nn.Module):
         token_weights: torch.Tensor | None = None,
     ) -> "StaticEmbedding":
         """A table initialised from ``vectors`` ``[V, D]`` (one per token of ``tokenizer``); special
-        tokens start at zero. ``dim`` smaller than ``D`` keeps the leading principal components
-        (PCA over the vocabulary, as Model2Vec). ``token_weights`` ``[V]`` scales each row (e.g.
-        :func:`sif_weights`: frequent tokens count less in the mean)."""
+        tokens start at zero and are left out of the mean (``skip_ids``). ``dim`` smaller than
+        ``D`` keeps the leading principal components (PCA over the vocabulary, as Model2Vec).
+        ``token_weights`` ``[V]`` scales each row (e.g. :func:`sif_weights`: frequent tokens count
+        less in the mean)."""
         if dim is not None and dim < vectors.shape[1]:
             centred = (vectors - vectors.mean(0)).double()
             _, _, v = torch.linalg.svd(centred, full_matrices=False)
@@ -161,12 +173,73 @@ class StaticEmbedding(nn.Module):
         if token_weights is not None:
             vectors = vectors * token_weights.reshape(-1, 1).to(vectors.dtype)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        model = cls(vectors.shape[0], vectors.shape[1], padding_idx=int(pad), normalize=normalize)
+        specials = [int(i) for i in getattr(tokenizer, "all_special_ids", [])]
+        model = cls(vectors.shape[0], vectors.shape[1], padding_idx=int(pad), normalize=normalize, skip_ids=specials)
         model.embedding.weight.copy_(vectors)
-        for special in getattr(tokenizer, "all_special_ids", []):
+        for special in specials:
             if 0 <= special < vectors.shape[0]:
                 model.embedding.weight[special].zero_()
         return model
+
+    def save_model2vec(self, folder: str | os.PathLike[str], tokenizer: Any, *, max_length: int | None = 512,
+                       base_model: str | None = None) -> Path:
+        """Write the table in Model2Vec's format, so that ``model2vec.StaticModel.from_pretrained(folder)``
+        gives the embeddings this model gives (``encode(sentences)``, float32 ``[N, D]``):
+        ``model.safetensors`` (``embeddings``: float32 ``[V, D]``), ``tokenizer.json`` (``tokenizer``'s
+        ``tokenizers`` backend), ``config.json`` (``normalize``, ``max_length``, ``hidden_dim``, ...),
+        ``modules.json`` (sentence-transformers' layout) and a short ``README.md``.
+
+        ``tokenizer`` is the ``transformers`` fast tokenizer the model was trained with (``len``
+        ``V``). Model2Vec adds no special tokens and drops unknown ones: the embeddings agree when
+        this model skips them (``skip_ids``; :meth:`from_vectors` sets them). ``max_length``:
+        tokens kept per sentence by Model2Vec (``None``: all). ``base_model``: where the tokenizer
+        (the teacher) came from, recorded as ``tokenizer_name``. Built aside and moved into place
+        (:func:`distill.checkpoints.atomic_directory`); returns the folder."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from distill.checkpoints import atomic_directory
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise DistillError(f"{type(tokenizer).__name__} has no tokenizers backend; Model2Vec needs a fast "
+                               "tokenizer (transformers' PreTrainedTokenizerFast)")
+        vocab = backend.get_vocab_size(with_added_tokens=True)
+        if vocab != self.vocab_size:
+            raise DistillError(f"the tokenizer has {vocab} tokens but the table {self.vocab_size} rows; Model2Vec "
+                               "needs one row per token: pass the tokenizer the model was built with")
+        specials = [int(i) for i in getattr(tokenizer, "all_special_ids", [])]
+        unskipped = sorted(set(specials) - set(self.skip_ids.tolist()) - {self.padding_idx})
+        if unskipped:
+            raise DistillError(
+                f"this model averages the special tokens {unskipped} into its embeddings, which Model2Vec leaves "
+                "out, so the saved model would embed differently; build it with skip_ids=tokenizer.all_special_ids"
+            )
+        weights = self.embedding.weight.detach().float().cpu().contiguous()
+        config = {"model_type": "model2vec", "architectures": ["StaticModel"], "tokenizer_name": base_model,
+                  "apply_pca": None, "sif_coefficient": None, "hidden_dim": int(weights.shape[1]),
+                  "seq_length": 1000000, "normalize": bool(self.normalize), "pooling": "mean",
+                  "max_length": max_length, "embedding_dtype": "float32"}
+        modules = [{"idx": 0, "name": "0", "path": ".", "type": "sentence_transformers.models.StaticEmbedding"}]
+        if self.normalize:
+            modules.append({"idx": 1, "name": "1", "path": "1_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+        readme = ("---\nlibrary_name: model2vec\ntags:\n- embeddings\n- static-embeddings\n- distill\n---\n\n"
+                  f"# A static sentence embedding\n\nOne vector per token ({weights.shape[0]} tokens x "
+                  f"{weights.shape[1]} dimensions), distilled with distill"
+                  + (f" from {base_model}" if base_model else "") + ", in Model2Vec's format:\n\n"
+                  "```python\nfrom model2vec import StaticModel\n\nmodel = StaticModel.from_pretrained(FOLDER)\n"
+                  "vectors = model.encode([\"It's dangerous to go alone!\"])\n```\n")
+
+        def write(tmp: Path) -> None:
+            save_file({"embeddings": weights}, str(tmp / "model.safetensors"))
+            backend.save(str(tmp / "tokenizer.json"), pretty=False)
+            (tmp / "config.json").write_text(json.dumps(config, indent=4))
+            (tmp / "modules.json").write_text(json.dumps(modules, indent=4))
+            (tmp / "README.md").write_text(readme)
+
+        return atomic_directory(Path(os.path.expanduser(os.fspath(folder))), write)
 
 
 def sif_weights(counts: torch.Tensor, coefficient: float = 1e-3) -> torch.Tensor:

@@ -194,3 +194,6 @@ def register_stsb() -> None:
         splits = read_stsb(path if path is not None else data_dir / "stsb", verify=verify)
         return DataSplits(name="stsb", train=splits["train"], test=splits["test"], num_classes=0,
                           input_shape=(), extra={"dev": splits["dev"]})
+
+
+register_stsb()  # this module defines the `stsb` data set: importing it registers it

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from distill.run_result import RunResult
 from distill.sweep.space import _MISSING, Dimension, _walk, apply_params
 from distill.sweep.trial import require_optuna
 
@@ -134,12 +135,12 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, best: int | None, metric
 
 
 
-def _summary(results: dict[str, Any]) -> dict[str, Any]:
+def _summary(results: RunResult | dict[str, Any]) -> dict[str, Any]:
     """The distilled student of a run's results: its test score (primary metric) over seeds."""
-    key = results.get("primary_metric", "accuracy")
-    s = results["student"]
-    return {"metric": key, "score": s[key], "score_std": s[f"{key}_std"], "per_seed": s["per_seed"][key],
-            "agreement": s.get("agreement"), "params": s["params"], "latency_ms": s.get("latency_ms")}
+    results = RunResult.parse(results)
+    key, s = results.primary_metric, results.student
+    return {"metric": key, "score": s.metric(key), "score_std": s.std(key), "per_seed": s.per_seed[key],
+            "agreement": s.metric("agreement"), "params": s.params, "latency_ms": s.latency_ms}
 
 
 

@@ -12,13 +12,40 @@ the pipeline looks inside that object except through the task.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from distill.errors import DistillError
 from distill.registry import Registry
 from distill.signals import Feed, default_feed
+
+
+class TaskOptions(BaseModel):
+    """A task's ``task_options``, typed: a task declares its own subclass (fields with defaults) as
+    :attr:`Task.Options`; unknown names and wrong values are refused in one line."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_options(model: type[TaskOptions], given: dict | None, task: str) -> TaskOptions:
+    """``given`` (a recipe's ``task_options``) as ``model``, or a :class:`DistillError` in one line."""
+    try:
+        return model.model_validate(dict(given or {}))
+    except ValidationError as exc:
+        errors = exc.errors()
+        unknown = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden"]
+        if unknown:
+            accepted = ", ".join(model.model_fields) or "none"
+            raise DistillError(f"task_options: {task} has no option {', '.join(unknown)}; accepted: {accepted}") from None
+        first = errors[0]
+        field = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "value_error":
+            raise DistillError(f"task_options: {message}") from None
+        raise DistillError(f"task_options.{field}: {message[:1].lower() + message[1:]}, got {first.get('input')!r}") from None
 
 
 class Task:
@@ -29,8 +56,10 @@ class Task:
     primary_metric = "accuracy"
     #: the ground-truth term the teacher is trained with (a recipe term: a loss reading labels)
     label_term: dict = {"name": "ce", "loss": "ce"}
-    #: whether a teacher cache (``teacher.cache``) can serve this task's batches
-    supports_cache = False
+    #: the teacher cache (``teacher.cache``) that can serve this task's batches: ``None`` (none),
+    #: ``"views"`` (one row per sample and replayed view: :mod:`distill.cache`) or ``"tokens"`` (per
+    #: example and token position, packed: :mod:`distill.token_cache`, through the three ``cache_*`` methods)
+    teacher_cache: str | None = None
     #: whether ``data.labelled`` (labels for only some training samples) is available
     supports_transfer_set = False
     feed: Feed = staticmethod(default_feed)
@@ -39,11 +68,36 @@ class Task:
     #: the data sets this task reads itself (``None``: any of :data:`distill.data.DATASETS`)
     data_names: tuple[str, ...] | None = None
 
+    @property
+    def supports_cache(self) -> bool:
+        return self.teacher_cache is not None
+
+    # -- token caches (teacher_cache = "tokens") ----------------------------------------------
+    def cache_batches(self, recipe, prepared, batch_size: int):
+        """Batches that hold every training example exactly once, each with ``"index"`` (a new
+        iterable on each call, the same batches every time)."""
+        raise NotImplementedError
+
+    def cache_token_mask(self, teacher: nn.Module):
+        """``mask(batch)``: the teacher's real token positions ``[B, T]`` in a batch (``None``: all)."""
+        return lambda batch: None
+
+    def cache_fingerprint(self, recipe, prepared, teacher: nn.Module) -> dict:
+        """What a token cache of the training set depends on besides the teacher's weights:
+        ``{"data": bytes, "tokenizer": JSON-able description, "vocab": int}``."""
+        raise NotImplementedError
+
+    #: the task's ``task_options`` (a :class:`TaskOptions` subclass; by default it takes none)
+    Options: type[TaskOptions] = TaskOptions
+
+    def options(self, recipe) -> TaskOptions:
+        """``recipe.task_options`` checked and typed as :attr:`Options` (defaults filled in)."""
+        return parse_options(self.Options, recipe.task_options, self.name)
+
     def validate(self, recipe) -> None:
         """Raise a :class:`DistillError` for what this task cannot run (models, ``task_options``),
-        before any work starts. By default the task takes no ``task_options``."""
-        if recipe.task_options:
-            raise DistillError(f"task '{self.name}' takes no task_options (got {', '.join(recipe.task_options)})")
+        before any work starts. By default only the ``task_options`` are checked (:attr:`Options`)."""
+        self.options(recipe)
 
     def check_model_name(self, name: str) -> None:
         """Raise a :class:`DistillError` (naming the nearest) when ``name`` is no model of this task;
@@ -84,14 +138,32 @@ class Task:
         return None
 
     def example_inputs(self, prepared, n: int) -> Any:
-        """``n`` real model inputs ``[n, ...]`` to check an export on, or ``None`` (random inputs of
-        the :meth:`latency_input` shape are used then)."""
+        """``n`` real model inputs ``[n, ...]`` to check an export on (one tensor, or a dict of named
+        tensors such as ``input_ids`` and ``attention_mask`` ``[n, T]`` for a model fed by
+        keyword), or ``None`` (random inputs of the :meth:`latency_input` shape are used then)."""
         return None
 
     def labelled_test_batches(self, prepared) -> Any:
         """Test batches ``{"input", "target"}`` whose top-1 accuracy means something (for int8
         export's accuracy check), or ``None``."""
         return None
+
+    def tokenizer_of(self, model: nn.Module, prepared) -> Any:
+        """The ``transformers`` tokenizer that feeds ``model`` (saved next to it by
+        :meth:`save_pretrained`), or ``None`` when the task has none (e.g. character ids)."""
+        return None
+
+    def save_pretrained(self, model: nn.Module, prepared, stage_dir: Path) -> Path | None:
+        """Write a trained student in its own ecosystem's format into a folder of ``stage_dir`` (the
+        stage's folder, next to its ``student.safetensors``) and return the folder; ``None`` when
+        there is none. By default a Hugging Face model (:class:`distill.nlp.hf.HFModel`) becomes a
+        ``save_pretrained`` folder ``hf/`` with its tokenizer (:meth:`tokenizer_of`), which
+        ``transformers``' Auto classes load; other models have only their weights file."""
+        from distill.nlp.hf import HFModel, save_pretrained
+
+        if not isinstance(model, HFModel):
+            return None
+        return save_pretrained(model, Path(stage_dir) / "hf", self.tokenizer_of(model, prepared))
 
     def latency_ms(self, model: nn.Module, prepared, repeats: int) -> float | None:
         """Median ms of one forward pass at batch 1 (``None``: not measured); by default on
@@ -125,26 +197,38 @@ class Task:
 
 TASKS: Registry[type[Task]] = Registry("task")
 
-#: where each task outside the registry's import is defined (imported on first use)
-TASK_MODULES = {
-    "classification": "distill.tasks.classification",
-    "ranking": "distill.tasks.ranking",
-    "detection": "distill.tasks.detection",
-    "text-classification": "distill.tasks.text_classification",
-    "sentence-embedding": "distill.tasks.sentence_embedding",
-    "causal-lm": "distill.tasks.causal_lm",
-}
+def _task_module(name: str) -> str:
+    """The module that defines task ``name``: ``distill/tasks/<name with - as _>.py``."""
+    return f"distill.tasks.{name.replace('-', '_')}"
+
+
+def _discover() -> None:
+    """Import every module of :mod:`distill.tasks`; each registers its task as it is imported, so
+    a new task is one new file, no list to edit."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if module.name != "base":
+            importlib.import_module(f"distill.tasks.{module.name}")
 
 
 def get_task(name: str) -> Task:
-    """An instance of the task registered as ``name`` (tasks outside the core register on import)."""
-    if name not in TASKS and name in TASK_MODULES:
-        import importlib
+    """An instance of the task registered as ``name``: its module (named after it) is imported on
+    first use, and every task module when the name is not found there (tasks of your own register
+    by importing the module that defines them)."""
+    if name not in TASKS:
+        import importlib.util
 
-        importlib.import_module(TASK_MODULES[name])
+        module = _task_module(name)
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+        if name not in TASKS:
+            _discover()
     return TASKS.get(name)()
 
 
 def all_tasks() -> dict[str, Task]:
-    """Every known task by name, each module imported (which also registers its data sets)."""
-    return {name: get_task(name) for name in TASK_MODULES}
+    """Every known task by name (every module of :mod:`distill.tasks` imported)."""
+    _discover()
+    return {name: TASKS.get(name)() for name in TASKS.names()}

@@ -387,55 +387,34 @@ class TeacherSequences:
         return {**batch, "input": inputs, "target": targets}
 
 
-# ------------------------------------------------------------------------------ plain text files
-from distill.data.arrays import register_builder  # noqa: E402
-
-
-@register_builder("text")
-def text_file(
-    data_dir,
-    *,
-    path: str,
-    block_size: int = 64,
-    stride: int | None = None,
-    val_fraction: float = 0.1,
-) -> "DataSplits":  # noqa: F821
-    """A UTF-8 text file of your own as next-character blocks, as ``tinyshakespeare`` cuts its text
-    (character vocabulary, the first ``1 − val_fraction`` for training, the rest held out)."""
-    from pathlib import Path
-
-    from distill.data.tinyshakespeare import char_vocab, encode_chars, text_blocks
-    from distill.data.types import DataSplits
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DistillError(f"data set 'text': {file} does not exist")
-    for name, value in (("block_size", block_size), ("stride", block_size if stride is None else stride)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DistillError(f"data set 'text': {name} must be a positive integer, got {value!r}")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-        raise DistillError(f"data set 'text': val_fraction must be between 0 and 1, got {val_fraction!r}")
-    text = file.read_text(encoding="utf-8")
-    vocab = char_vocab(text)
-    ids = encode_chars(text, vocab)
-    cut = int(len(ids) * (1 - val_fraction))
-    stride = block_size if stride is None else stride
-    return DataSplits(name="text", train=text_blocks(ids[:cut], block_size, stride),
-                      test=text_blocks(ids[cut:], block_size, stride), num_classes=len(vocab),
-                      input_shape=(block_size,), extra={"source": str(file), "tokenizer": "char", "vocab": vocab})
-
-
 # ------------------------------------------------------------------------------ the task
-from distill.tasks.base import TASKS, Task  # noqa: E402
+from pydantic import Field, field_validator, model_validator  # noqa: E402
 
-#: task_options of causal-lm and their defaults
-OPTIONS = {
-    "on_policy": 0.0,  # GKD's λ: the fraction of distilled batches the student writes
-    "new_tokens": 32,  # tokens the student samples per on-policy sequence
-    "temperature": 1.0,  # sampling temperature of on-policy and sequence-level KD text
-    "sequence_kd": False,  # distilled stages train on the teacher's continuations of the blocks
-    "sequence_kd_prompt_tokens": 16,  # the prompt the teacher continues
-}
+from distill.tasks.base import TASKS, Task, TaskOptions  # noqa: E402
+
+class LMOptions(TaskOptions):
+    """``task_options`` of causal-lm."""
+
+    on_policy: float = 0.0  # GKD's λ: the fraction of distilled batches the student writes
+    new_tokens: int = Field(32, ge=1)  # tokens the student samples per on-policy sequence
+    temperature: float = Field(1.0, gt=0)  # sampling temperature of on-policy and sequence-level KD text
+    sequence_kd: bool = False  # distilled stages train on the teacher's continuations of the blocks
+    sequence_kd_prompt_tokens: int = Field(16, ge=1)  # the prompt the teacher continues
+
+    @field_validator("on_policy", mode="before")
+    @classmethod
+    def _lam(cls, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"on_policy (GKD's λ) must be in [0, 1], got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_writer(self):
+        if self.on_policy and self.sequence_kd:
+            raise ValueError("choose on_policy (the student writes) or sequence_kd (the teacher writes), not both")
+        return self
+
+
 HF_KWARGS = ("name_or_path", "config")
 
 
@@ -483,21 +462,14 @@ class CausalLMTask(Task):
     label_term = {"name": "ce", "loss": "token_ce"}
     report_metrics = ("perplexity",)
     feed = staticmethod(token_feed)
+    teacher_cache = "tokens"
+    Options = LMOptions
 
     def validate(self, recipe) -> None:
         from distill.losses import get_loss
 
-        options = recipe.task_options
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise DistillError(f"task_options: causal-lm has no option {', '.join(unknown)}; "
-                               f"accepted: {', '.join(OPTIONS)}")
-        lam = options.get("on_policy", 0.0)
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
-            raise DistillError(f"task_options.on_policy (GKD's λ) must be in [0, 1], got {lam!r}")
-        if lam and options.get("sequence_kd"):
-            raise DistillError("task_options: choose on_policy (the student writes) or sequence_kd (the teacher "
-                               "writes), not both")
+        options = self.options(recipe)
+        lam = options.on_policy
         if lam:
             readers = [t.name for t in recipe.distill.terms if "labels" in get_loss(t.loss).inputs and t.weight]
             if readers:
@@ -506,6 +478,10 @@ class CausalLMTask(Task):
                     "on-policy batches (the student's own text) do not have; use teacher terms only "
                     "(token_fkl, token_rkl, token_gjsd, ...)"
                 )
+        if recipe.teacher.cache is not None and (lam or options.sequence_kd):
+            what = "on_policy (the student writes the text)" if lam else "sequence_kd (the teacher writes the text)"
+            raise DistillError(f"teacher.cache replays the teacher on the training blocks, but task_options.{what} "
+                               "trains on new text; drop teacher.cache")
         for role, spec in (("teacher", recipe.teacher), ("student", recipe.student),
                            *((f"assistants.{i}", a) for i, a in enumerate(recipe.assistants))):
             self._check_spec(spec, role)
@@ -556,6 +532,41 @@ class CausalLMTask(Task):
 
         return BatchLoader(prepared.train, batch_size, shuffle=True, seed=seed,
                            drop_last=len(prepared.train) > batch_size)
+
+    def cache_batches(self, recipe, prepared: PreparedLM, batch_size: int):
+        from distill.data import BatchLoader
+
+        return BatchLoader(prepared.train, batch_size, shuffle=False)
+
+    def cache_fingerprint(self, recipe, prepared: PreparedLM, teacher: nn.Module) -> dict:
+        import hashlib
+        from pathlib import Path
+
+        train = prepared.train
+        data = hashlib.sha256()
+        for tensor in (train.inputs, train.targets):
+            data.update(f"{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+            data.update(tensor.contiguous().numpy().tobytes())
+        extra = prepared.data.extra or {}
+        tokenizer = {"tokenizer": extra.get("tokenizer"), "vocab": extra.get("vocab")}
+        folder = extra.get("tokenizer_path")
+        if folder is not None:  # a BPE tokenizer: the digests of its files
+            files = sorted(p for p in Path(folder).expanduser().iterdir() if p.is_file())
+            tokenizer["files"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+        return {"data": data.digest(), "tokenizer": tokenizer, "vocab": prepared.vocab_size}
+
+    def tokenizer_of(self, model: nn.Module, prepared: PreparedLM):
+        """GPT-2's BPE tokenizer (``transformers.GPT2TokenizerFast``) for data tokenised with it, saved
+        beside a Hugging Face student's ``hf/`` folder; character vocabularies have none."""
+        folder = (prepared.data.extra or {}).get("tokenizer_path")
+        if folder is None:
+            return None
+        from pathlib import Path
+
+        from distill.nlp.hf import require_transformers
+
+        folder = Path(folder).expanduser()
+        return require_transformers().GPT2TokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
 
     def build_model(self, spec, prepared: PreparedLM, seed: int) -> nn.Module:
         self._check_spec(spec, "model")
@@ -622,20 +633,19 @@ class CausalLMTask(Task):
     def batch_transform(self, recipe, prepared: PreparedLM, student: nn.Module, teacher):
         if teacher is None:
             return None
-        options = {**OPTIONS, **recipe.task_options}
-        if options["sequence_kd"]:
+        options = self.options(recipe)
+        if options.sequence_kd:
             model = _teacher_model(teacher)
             cache = self.__dict__.setdefault("_written", {})  # one teacher text per teacher and data
             key = (id(model), id(prepared))
             if key not in cache:
-                cache[key] = TeacherSequences(model, prepared.train, int(options["sequence_kd_prompt_tokens"]),
-                                              float(options["temperature"]), seed=recipe.data.seed,
+                cache[key] = TeacherSequences(model, prepared.train, options.sequence_kd_prompt_tokens,
+                                              options.temperature, seed=recipe.data.seed,
                                               vocab_size=prepared.vocab_size)
             return cache[key]
-        if options["on_policy"]:
-            return OnPolicyTransform(student, lam=float(options["on_policy"]),
-                                     max_new_tokens=int(options["new_tokens"]),
-                                     temperature=float(options["temperature"]), vocab_size=prepared.vocab_size)
+        if options.on_policy:
+            return OnPolicyTransform(student, lam=float(options.on_policy), max_new_tokens=options.new_tokens,
+                                     temperature=options.temperature, vocab_size=prepared.vocab_size)
         return None
 
 

@@ -113,7 +113,7 @@ class ClassificationTask(Task):
 
     name = "classification"
     primary_metric = "accuracy"
-    supports_cache = True
+    teacher_cache = "views"
     supports_transfer_set = True
 
     def check_model_name(self, name: str) -> None:

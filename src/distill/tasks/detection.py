@@ -335,7 +335,7 @@ class DetectionTask(Task):
     name = "detection"
     primary_metric = "map"
     label_term = {"name": "gt", "loss": "centernet", "student": list(HEADS)}
-    supports_cache = False
+    teacher_cache = None
     feed = staticmethod(feed)
 
     def prepare(self, recipe, data_dir) -> PreparedDetection:

@@ -426,7 +426,7 @@ class RankingTask(Task):
 
     name = "ranking"
     primary_metric = "ndcg10"
-    supports_cache = False
+    teacher_cache = None
     feed = staticmethod(feed)
 
     def prepare(self, recipe, data_dir) -> PreparedRanking:

@@ -36,7 +36,10 @@ Models (``model:`` in a recipe):
   vocabulary. ``kwargs``: ``init`` (``teacher``: each token's vector is the teacher's output for
   that token alone, as Model2Vec does; ``random``), ``dim`` (default: the teacher's width; smaller
   keeps the leading principal components), ``sif`` (e.g. ``0.001``: scale each token's initial
-  vector by its smooth inverse frequency in the training sentences), ``normalize``.
+  vector by its smooth inverse frequency in the training sentences), ``normalize``. The special
+  tokens (``[CLS]``, ``[SEP]``, ``[UNK]``, ...) are left out of the mean, as Model2Vec does, and
+  the distilled table is also saved as a Model2Vec folder, ``stages/student-seed<N>/model2vec/``
+  (``model2vec.StaticModel.from_pretrained`` gives the same embeddings).
 
 Data: ``stsb`` (``data.options``: ``path``, a folder with ``sts-{train,dev,test}.csv``, default
 ``DATA_DIR/stsb``; ``verify``). Task options (``task_options``): ``tokenizer`` (a folder or hub name; default the teacher's source), ``max_length`` (128),
@@ -56,17 +59,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from distill.data.loader import derive_seed
 from distill.errors import DistillError
 from distill.nlp.feed import TextFeed
-from distill.nlp.stsb import SentencePairs, read_sentences, register_stsb, similarity_correlations
-from distill.tasks.base import TASKS, Task
+from distill.nlp.stsb import SentencePairs, read_sentences, similarity_correlations
+from distill.tasks.base import TASKS, Task, TaskOptions
 
-register_stsb()  # the `stsb` data set, for recipes that name it
 
-_TASK_OPTIONS = {"tokenizer": None, "max_length": 128, "extra_sentences": (), "max_extra": None, "validation": False}
+
+
+class SentenceOptions(TaskOptions):
+    """``task_options`` of sentence-embedding."""
+
+    tokenizer: str | None = None  # a folder or hub name; default: the teacher's source
+    max_length: int = Field(128, ge=1)
+    extra_sentences: str | list[str] = []  # files of unlabelled sentences (one per line) added to training
+    max_extra: int | None = Field(None, ge=0)
+    validation: bool = False  # score early stopping on STS-B dev
+
+
 
 
 class PairLoader:
@@ -155,25 +169,20 @@ class SentenceEmbeddingTask(Task):
     name = "sentence-embedding"
     primary_metric = "spearman"
     label_term = {"name": "pairs", "loss": "pair_cosine"}
-    supports_cache = False
+    teacher_cache = None
     feed = TextFeed()
 
     # -- data -----------------------------------------------------------------------------------
+    Options = SentenceOptions
+
     def validate(self, recipe) -> None:
-        unknown = sorted(set(getattr(recipe, "task_options", None) or {}) - set(_TASK_OPTIONS))
-        if unknown:
-            raise DistillError(
-                f"task 'sentence-embedding' has no option {', '.join(map(repr, unknown))}; task_options: "
-                f"{', '.join(_TASK_OPTIONS)}"
-            )
+        self.options(recipe)
 
     def prepare(self, recipe, data_dir) -> PreparedSentences:
         from distill.data import load_dataset
         from distill.nlp.hf import require_transformers
 
-        self.validate(recipe)
-        given = dict(getattr(recipe, "task_options", None) or {})
-        task_options = {k: given.get(k, default) for k, default in _TASK_OPTIONS.items()}
+        options = self.options(recipe)
         data = load_dataset(recipe.data.name, data_dir, **recipe.data.options)
         if not isinstance(data.train, SentencePairs):
             raise DistillError(
@@ -183,19 +192,19 @@ class SentenceEmbeddingTask(Task):
         if recipe.data.train_subset is not None and recipe.data.train_subset < len(train):
             gen = torch.Generator().manual_seed(recipe.data.seed + 7919)
             train = train.subset(torch.randperm(len(train), generator=gen)[: recipe.data.train_subset])
-        extra_files = task_options["extra_sentences"]
-        if isinstance(extra_files, (str, os.PathLike)):
+        extra_files = options.extra_sentences
+        if isinstance(extra_files, str):
             extra_files = [extra_files]
         held_out = set(data.test.first) | set(data.test.second)
         extra = [s for f in extra_files for s in read_sentences(f) if s not in held_out]
-        if task_options["max_extra"] is not None:
-            extra = extra[: int(task_options["max_extra"])]
+        if options.max_extra is not None:
+            extra = extra[: options.max_extra]
         if extra:
             train = SentencePairs.concat([train, SentencePairs.unscored(extra)])
-        source = task_options["tokenizer"] or _pretrained_source(recipe.teacher)
+        source = options.tokenizer or _pretrained_source(recipe.teacher)
         if source is None:
             raise DistillError(
-                "task 'sentence-embedding' needs a tokenizer: set data.options.tokenizer (a folder or hub name), or "
+                "task 'sentence-embedding' needs a tokenizer: set task_options.tokenizer (a folder or hub name), or "
                 "give the teacher as a pretrained model (teacher.weights or teacher.kwargs.name_or_path)"
             )
         transformers = require_transformers()
@@ -205,10 +214,10 @@ class SentenceEmbeddingTask(Task):
             raise DistillError(f"cannot load the tokenizer '{source}': {str(exc).strip().splitlines()[0]}") from None
         prepared = PreparedSentences(
             train=train, test=data.test, dev=data.extra.get("dev", data.test), tokenizer=tokenizer,
-            max_length=int(task_options["max_length"]), eval_batch_size=recipe.data.eval_batch_size,
+            max_length=options.max_length, eval_batch_size=recipe.data.eval_batch_size,
             teacher_spec=recipe.teacher,
         )
-        if task_options["validation"]:
+        if options.validation:
             prepared.val_loader = prepared.dev
         return prepared
 
@@ -278,7 +287,8 @@ class SentenceEmbeddingTask(Task):
         tok = prepared.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         if init == "random":
-            return StaticEmbedding(len(tok), int(dim or 256), padding_idx=int(pad), normalize=normalize)
+            return StaticEmbedding(len(tok), int(dim or 256), padding_idx=int(pad), normalize=normalize,
+                                   skip_ids=tok.all_special_ids)
         if init != "teacher":
             raise DistillError(f"static-embedding init must be 'teacher' or 'random', got {init!r}")
         if "token_vectors" not in prepared.cache:  # the teacher runs over the vocabulary once per run
@@ -303,6 +313,23 @@ class SentenceEmbeddingTask(Task):
                     f"the {role} has {size} token embeddings but the tokenizer {vocab} tokens; teacher and student "
                     "read the same tokenisation (data.options.tokenizer)"
                 )
+
+    def tokenizer_of(self, model: nn.Module, prepared: PreparedSentences) -> Any:
+        return prepared.tokenizer
+
+    def save_pretrained(self, model: nn.Module, prepared: PreparedSentences, stage_dir: Path) -> Path | None:
+        """A static student as a Model2Vec folder ``model2vec/`` (``model2vec.StaticModel.from_pretrained``
+        loads it; it keeps ``max_length`` tokens per sentence, as the run did); an ``hf`` student
+        as a Hugging Face folder ``hf/`` of the bare encoder (``AutoModel``; mean-pool its last
+        hidden states over the real tokens for the embedding) with the tokenizer."""
+        from distill.nlp.sentence import StaticEmbedding
+
+        if isinstance(model, StaticEmbedding):
+            tok = prepared.tokenizer
+            kept = prepared.max_length - tok.num_special_tokens_to_add()  # distill counts [CLS] and [SEP]
+            return model.save_model2vec(Path(stage_dir) / "model2vec", tok, max_length=kept,
+                                        base_model=getattr(tok, "name_or_path", None) or None)
+        return super().save_pretrained(model, prepared, stage_dir)
 
     # -- evaluation -----------------------------------------------------------------------------
     def _embed_pairs(self, model: nn.Module, pairs: SentencePairs, prepared) -> tuple[torch.Tensor, torch.Tensor]:

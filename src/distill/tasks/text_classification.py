@@ -28,6 +28,10 @@ Every batch holds each distinct tokenizer's ids under its own prefix (``teacher.
 its own (see :class:`distill.nlp.TextFeed`). ``task_options``: ``max_length`` (tokens per sentence,
 default 128), ``group_by_length`` (batches of similar lengths, default true). Metrics: accuracy
 (primary), agreement with the teacher, KL(teacher ‖ student), ECE, as for classification.
+
+A distilled ``hf`` student is also saved with its tokenizer as a Hugging Face folder,
+``stages/student-seed<N>/hf/`` (:meth:`Task.save_pretrained`); ``distill export`` feeds the
+student ``input_ids`` and ``attention_mask`` of the test sentences in its own tokenisation.
 """
 
 from __future__ import annotations
@@ -39,17 +43,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from distill.data.splits import random_split, training_subset
 from distill.errors import DistillError
 from distill.signals import Batch
-from distill.tasks.base import TASKS, Task
+from distill.tasks.base import TASKS, Task, TaskOptions
 from distill.metrics import classification_metrics
 
 MODELS = ("hf", "bilstm")
 DATA = ("sst2", "tsv")
-OPTIONS = {"max_length": 128, "group_by_length": True}
+
+
+class TextOptions(TaskOptions):
+    """``task_options`` of text-classification."""
+
+    max_length: int = Field(128, ge=1)  # tokens per sentence after truncation
+    group_by_length: bool = True  # batches of similar lengths (less padding)
+
+
 HF_KWARGS = ("name_or_path", "config", "tokenizer", "num_labels")
 WORD_KWARGS = ("min_frequency", "max_vocab", "lowercase")
 BILSTM_KWARGS = ("tokenizer", *WORD_KWARGS, "embedding_dim", "hidden_size", "fc_size", "dropout")
@@ -60,6 +73,10 @@ def feed(model: nn.Module, batch: Batch) -> Any:
     from distill.nlp.feed import TextFeed
 
     return TextFeed(getattr(model, "text_side", None))(model, batch)
+
+
+def _side_key(side: str | None, key: str) -> str:
+    return key if side is None else f"{side}.{key}"
 
 
 # ------------------------------------------------------------------------------ data
@@ -142,6 +159,7 @@ class PreparedText:
     sides: dict[tuple, str] = field(default_factory=dict)  # tokenizer source -> side
     teacher_source: tuple | None = None
     roles: dict[str, str] = field(default_factory=dict)  # spec_key -> teacher, student, ...
+    role_sides: dict[str, str] = field(default_factory=dict)  # teacher, student, ... -> side
     _loaders: dict = field(default_factory=dict, repr=False)
 
     def side_of(self, spec, role: str = "model") -> str:
@@ -301,12 +319,11 @@ class TextClassificationTask(Task):
     primary_metric = "accuracy"
     data_names = DATA
     feed = staticmethod(feed)
+    teacher_cache = "tokens"
+    Options = TextOptions
 
     def validate(self, recipe) -> None:
-        unknown = sorted(set(recipe.task_options) - set(OPTIONS))
-        if unknown:
-            raise DistillError(f"task_options: text-classification has no option {', '.join(unknown)}; "
-                               f"accepted: {', '.join(OPTIONS)}")
+        self.options(recipe)
         if recipe.teacher.ensemble is not None:
             raise DistillError("teacher.ensemble is not available for text-classification; use one teacher")
         for role, spec in (("teacher", recipe.teacher), ("student", recipe.student),
@@ -318,21 +335,21 @@ class TextClassificationTask(Task):
                                "folder or hub name of a Hugging Face tokenizer")
 
     def prepare(self, recipe, data_dir) -> PreparedText:
-        options = {**OPTIONS, **recipe.task_options}
+        options = self.options(recipe)
         data = load_text_data(recipe.data, data_dir)
         spec = recipe.data
         train = training_subset(data.train, spec.train_subset, spec.seed)
         val = None
         if spec.val_fraction > 0:
             train, val = random_split(train, spec.val_fraction, spec.seed, "sentences")
-        prepared = PreparedText(data, train, val, int(options["max_length"]), bool(options["group_by_length"]),
+        prepared = PreparedText(data, train, val, options.max_length, options.group_by_length,
                                 spec.eval_batch_size)
         # the teacher's tokenizer first: models built from a config without one share it
         prepared.teacher_source = _tokenizer_source(recipe.teacher, None, "teacher")
         for role, model_spec in (("teacher", recipe.teacher), ("student", recipe.student),
                                  *((f"assistant{i + 1}", a) for i, a in enumerate(recipe.assistants))):
             prepared.roles.setdefault(spec_key(model_spec), role)
-            prepared.side_of(model_spec, role)
+            prepared.role_sides[role] = prepared.side_of(model_spec, role)
         return prepared
 
     def describe(self, prepared: PreparedText) -> str:
@@ -344,6 +361,28 @@ class TextClassificationTask(Task):
 
     def train_loader(self, recipe, prepared: PreparedText, batch_size: int, seed: int, labelled_only: bool = False):
         return prepared.loader("train", batch_size, shuffle=True, seed=seed)
+
+    # -- the token cache: the teacher's logits per sentence, its per-token taps packed --------
+    def cache_batches(self, recipe, prepared: PreparedText, batch_size: int):
+        return prepared.loader("train", batch_size, shuffle=False)
+
+    def cache_token_mask(self, teacher: nn.Module):
+        key = _side_key(getattr(teacher, "text_side", None), "attention_mask")
+        return lambda batch: batch[key]
+
+    def cache_fingerprint(self, recipe, prepared: PreparedText, teacher: nn.Module) -> dict:
+        import hashlib
+
+        side = getattr(teacher, "text_side", None)
+        encoded = prepared.loader("train", 1, shuffle=False).sides[side]
+        data = hashlib.sha256()
+        for tensor in (encoded.flat, encoded.lengths, prepared.train.targets):
+            data.update(f"{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+            data.update(tensor.contiguous().numpy().tobytes())
+        tok = prepared.tokenizers[side]
+        vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+        tokenizer = {"class": type(tok).__name__, "vocab": sorted(vocab.items()), "max_length": prepared.max_length}
+        return {"data": data.digest(), "tokenizer": tokenizer, "vocab": len(vocab) or None}
 
     def build_model(self, spec, prepared: PreparedText, seed: int) -> nn.Module:
         return build_text_model(spec, prepared, seed, role=prepared.roles.get(spec_key(spec), "model"))
@@ -361,6 +400,27 @@ class TextClassificationTask(Task):
         loader = prepared.test_loader if split == "test" else prepared.val_loader
         logits, targets = predict(model, loader)
         return classification_metrics(logits, targets, reference if split == "test" else None)
+
+    def _student_inputs(self, prepared: PreparedText, batch: Batch) -> dict[str, torch.Tensor]:
+        """The student's ``input_ids`` and ``attention_mask`` ``[b, T]`` of a test batch (what an
+        exported student takes; single sentences have all-zero token types, which models default to)."""
+        from distill.nlp.feed import TextFeed
+
+        inputs = TextFeed(prepared.role_sides.get("student")).inputs(batch)
+        return {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
+
+    def example_inputs(self, prepared: PreparedText, n: int) -> dict[str, torch.Tensor]:
+        """The first ``n`` test sentences in the student's tokenisation: ``input_ids`` and
+        ``attention_mask`` int64 ``[n, T]``, padded to the longest."""
+        count = min(n, len(prepared.data.test))
+        batch = prepared.loader("test", max(count, 1), shuffle=False).collate(torch.arange(count))
+        return self._student_inputs(prepared, batch)
+
+    def labelled_test_batches(self, prepared: PreparedText):
+        return ({"input": self._student_inputs(prepared, b), "target": b["target"]} for b in prepared.test_loader)
+
+    def tokenizer_of(self, model: nn.Module, prepared: PreparedText) -> Any:
+        return prepared.tokenizers.get(getattr(model, "text_side", None))
 
     def latency_ms(self, model: nn.Module, prepared: PreparedText, repeats: int) -> float | None:
         """Median ms of one test sentence (the first) at batch 1, each model on its own tokens;
