@@ -30,6 +30,8 @@ Parts:
   trained once by ``distill run``, cached by ``distill cache`` as its top-64 log-probabilities per
   token, then the student alone, distilled from the cache, and distilled from the live teacher
   (same steps): perplexity, epoch time, bytes per token on disk.
+- ``cache_steps`` (after ``cache``): the same three arms' training steps timed interleaved in one
+  process (rounds of a few steps each, the order rotated), the median step time of each.
 - ``fsdp``: ``benchmarks/fsdp_equality.py``: a sharded student (``train.sharding: fsdp``) on 2 CPU
   processes (gloo) against 1 process: max abs weight difference after the run.
 """
@@ -365,6 +367,70 @@ def part_cache(args: argparse.Namespace) -> dict:
     return {"meta": meta, "rows": rows, "summary": {"cache": summary}}
 
 
+def part_cache_steps(args: argparse.Namespace) -> dict:
+    """The cost of a training step, interleaved: the student alone (token CE), distilled from the
+    cache of part ``cache`` (token_fkl on its top-64) and from the live teacher, in rounds of
+    ``STEPS`` steps each, the order rotated every round, all in one process (the median per-step
+    time of each arm; their ratios are the figure, free of the load drifting between stages)."""
+    import torch
+
+    from distill import Distiller, Term
+    from distill.recipes import load_recipe
+    from distill.signals import LiveTeacher
+    from distill.stage import open_cache
+    from distill.tasks.base import get_task
+
+    meta = {"machine": machine(args.threads), "date_start": now(), "load_average_start": load_average()}
+    torch.set_num_threads(args.threads)
+    work = Path(args.work) / "cache"
+    weights, cache = work / "teacher" / "teacher.safetensors", work / "teacher-cache"
+    if not cache.is_dir():
+        raise SystemExit("run the part `cache` first: it trains the teacher and builds the cache")
+    recipe = load_recipe(PRESET, _lm_overrides(args) + [f"teacher.weights={weights}", f"teacher.cache={cache}",
+                                                         f"teacher.cache_topk={CACHE_TOPK}"])
+    task = get_task(recipe.task)
+    prepared = task.prepare(recipe, None)
+    teacher = task.build_model(recipe.teacher, prepared, 0)
+    signals = {"alone": None, "cached top-64": open_cache(recipe, task, teacher, prepared, cache),
+               "live teacher": LiveTeacher(teacher, feed=task.feed)}
+    terms = {"alone": [Term("ce", "token_ce")], "cached top-64": [Term("kd", "token_fkl")],
+             "live teacher": [Term("kd", "token_fkl")]}
+    loader = task.train_loader(recipe, prepared, recipe.train.batch_size, 0)
+    batches = list(loader)
+    arms = {}
+    for name in signals:
+        student = task.build_model(recipe.student, prepared, 0)
+        distiller = Distiller(student, signals[name], terms=terms[name], feed=task.feed)
+        distiller.dry_run(batches[0])
+        arms[name] = (distiller, torch.optim.AdamW(distiller.parameters(), lr=1e-3))
+    names, times, cursor = list(arms), {name: [] for name in arms}, 0
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            distiller, optimizer = arms[name]
+            for _ in range(STEPS):
+                batch = batches[cursor % len(batches)]
+                cursor += 1
+                started = time.perf_counter()
+                loss = distiller(batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                times[name].append(time.perf_counter() - started)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    rows = [{"arm": name, "step s (median)": median[name], "steps": len(times[name]),
+             "vs alone": median[name] / median["alone"]} for name in names]
+    meta.update(date_end=now(), load_average_end=load_average(),
+                config={"batch": recipe.train.batch_size, "block tokens": 64, "vocab": prepared.vocab_size,
+                        "rounds": args.rounds, "steps per round": STEPS, "student": "gpt 2 x 64", "teacher": "gpt 4 x 128"},
+                targets={"cached_vs_alone": "<= 1.10"})
+    return {"meta": meta, "rows": rows,
+            "summary": {"steps": {"cached_vs_alone": median["cached top-64"] / median["alone"],
+                                  "live_vs_alone": median["live teacher"] / median["alone"]}}}
+
+
+STEPS = 5  # steps per arm and round in part cache_steps
+
+
 # ------------------------------------------------------------------------------------------ fsdp
 def part_fsdp(args: argparse.Namespace) -> dict:
     """FSDP: a 2-process (gloo, CPU) sharded distillation run against the same run on 1 process."""
@@ -379,7 +445,8 @@ def part_fsdp(args: argparse.Namespace) -> dict:
     return {"meta": meta, "rows": [], "summary": {"fsdp": shown}, "raw": figures}
 
 
-PARTS: dict[str, Callable[[argparse.Namespace], dict]] = {"fused": part_fused, "cache": part_cache, "fsdp": part_fsdp}
+PARTS: dict[str, Callable[[argparse.Namespace], dict]] = {"fused": part_fused, "cache": part_cache,
+                                                           "cache_steps": part_cache_steps, "fsdp": part_fsdp}
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -444,6 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", type=int, default=1500, help="cache: training blocks of 64 tokens")
     parser.add_argument("--teacher-epochs", type=int, default=4)
     parser.add_argument("--student-epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6, help="cache_steps: interleaved rounds")
     parser.add_argument("--malloc", choices=("trainer", "default"), default="trainer",
                         help="glibc malloc as distill's trainer tunes it on the CPU (default), or left alone")
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)

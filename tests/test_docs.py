@@ -407,6 +407,13 @@ FIGURES: list[Fig] = [
                               (7, "on-policy JSD β = 0.5, λ = 0.5", "{} | {} | {} | {}"),
                               (8, "sequence-level KD (teacher's samples)", "{} | {} | {} | {}"))],
     Fig("docs/language-models.md", "lm_distill.json", "half of a {}-step budget goes to its own gibberish", (J("rows[7].steps"),)),
+    Fig("docs/language-models.md", "lm_scale.json",
+        "jobs: peak memory {}× today's path (the heads' products, full logits, `token_gjsd`) at vocab 50,257 and {}× "
+        "at 151,936, and {}× at 4,096 tokens; time {}× and {}×; against GKD's loss as TRL writes it (plain autograd "
+        "over full logits) {}× and {}× the memory, {}× and {}× the time.",
+        (J("fused.summary.vocab 50257, 1024 tokens.peak_mem_ratio"), J("fused.summary.vocab 151936, 1024 tokens.peak_mem_ratio"), J("fused.summary.vocab 50257, 4096 tokens.peak_mem_ratio"), J("fused.summary.vocab 50257, 1024 tokens.time_ratio"), J("fused.summary.vocab 151936, 1024 tokens.time_ratio"),
+         J("fused.summary.vocab 50257, 1024 tokens.peak_mem_ratio_vs_trl"), J("fused.summary.vocab 151936, 1024 tokens.peak_mem_ratio_vs_trl"), J("fused.summary.vocab 50257, 1024 tokens.time_ratio_vs_trl"),
+         J("fused.summary.vocab 151936, 1024 tokens.time_ratio_vs_trl"))),
     Fig("docs/language-models.md", "trl_parity.json", "[trl_parity.json](../benchmarks/results/trl_parity.json), {} s, 1 thread,",
         (J("wall_seconds"),)),
     Fig("docs/language-models.md", "trl_parity.json", "- Over {} settings (β 0 to 1, T 0.5 to 2, padding and prompt masks), the "

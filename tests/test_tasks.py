@@ -56,3 +56,18 @@ def test_detection_recipe_end_to_end(shared, tmp_path):
     assert results["teacher"]["params"] > 4 * results["student"]["params"]
     history = json.loads((out / "stages" / "student-seed0" / "result.json").read_text())["history"]
     assert {"train_gt", "train_box"} <= set(history[0])
+    # export goes through the task too (on 9e1ec67 it failed reading the data's `inputs`, and
+    # TorchScript refused the dict of heads); the parity check compares every head on test images
+    from distill.export import export_source, load_exported
+    from distill.finished_run import FinishedRun
+
+    run = FinishedRun(out)
+    images = run.example_inputs(4)
+    assert images.shape == (4, 1, 48, 48)
+    heads = run.student()(images)
+    width = sum(t[0].numel() for t in heads.values())
+    for fmt in ("onnx", "torchscript", "safetensors"):
+        result = export_source(run, fmt)
+        assert result.path.is_file() and result.parity.passed and result.parity.samples == 16  # the test images
+        runner = load_exported(fmt, result.path.read_bytes(), run.fresh_student)
+        assert runner(images).shape == (4, width)  # heatmap, sizes and offsets side by side

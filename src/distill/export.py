@@ -244,8 +244,9 @@ def torchscript_bytes(model: nn.Module, example: Inputs) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notices
         traceable = _traceable(model.cpu().eval(), example)
-        # check_trace off: the parity check below runs the saved file itself
-        traced = torch.jit.trace(traceable, _args(example), check_trace=False)
+        # check_trace off: the parity check below runs the saved file itself; strict off lets a model
+        # return a dict of fixed keys (a detection head's boxes and classes), which the check compares
+        traced = torch.jit.trace(traceable, _args(example), check_trace=False, strict=False)
         torch.jit.save(traced, buffer)
     return buffer.getvalue()
 
@@ -324,7 +325,8 @@ def load_exported(fmt: str, data: bytes, rebuild: Callable[[], nn.Module] | None
         def run_onnx(x: Inputs) -> torch.Tensor:
             # the exporter drops inputs the graph does not read (a model may ignore attention_mask)
             given = x if isinstance(x, dict) else {graph_inputs[0]: x}
-            return torch.from_numpy(session.run(None, {k: given[k].cpu().numpy() for k in graph_inputs})[0])
+            outputs = session.run(None, {k: given[k].cpu().numpy() for k in graph_inputs})
+            return _compared([torch.from_numpy(o) for o in outputs] if len(outputs) > 1 else torch.from_numpy(outputs[0]))
 
         return run_onnx
     if fmt == "torchscript":
@@ -335,7 +337,7 @@ def load_exported(fmt: str, data: bytes, rebuild: Callable[[], nn.Module] | None
 
         def run_script(x: Inputs) -> torch.Tensor:
             with torch.inference_mode():
-                return module(*_args(x)).float()
+                return _compared(module(*_args(x)))
 
         return run_script
     else:
@@ -350,13 +352,23 @@ def load_exported(fmt: str, data: bytes, rebuild: Callable[[], nn.Module] | None
 
 def _eager(model: nn.Module) -> Runner:
     def run(x: Inputs) -> torch.Tensor:
-        from distill.taps import output_tensor
-
         with torch.inference_mode():
-            out = model(**_cpu(x)) if isinstance(x, dict) else model(x.cpu())
-            return output_tensor(out).float()
+            return _compared(model(**_cpu(x)) if isinstance(x, dict) else model(x.cpu()))
 
     return run
+
+
+def _compared(out) -> torch.Tensor:
+    """What the parity check compares of a model's output, ``[batch, ...]`` in fp32: the logits of one
+    output (a tensor, a tuple's first, ``.logits``); every head of a plain dict or list of tensors (a
+    detector's heatmap, sizes and offsets, in their order), flattened per sample side by side."""
+    from distill.taps import output_tensor
+
+    if isinstance(out, dict) and type(out) is dict or isinstance(out, list):
+        tensors = list(out.values()) if isinstance(out, dict) else out
+        if len(tensors) > 1 and all(isinstance(t, torch.Tensor) for t in tensors):
+            return torch.cat([t.float().flatten(1) for t in tensors], dim=1)
+    return output_tensor(out).float()
 
 
 # ------------------------------------------------------------------------------ checks
@@ -638,7 +650,9 @@ def run_metadata(run) -> dict[str, Any]:
     mean, std = getattr(data, "mean", None), getattr(data, "std", None)
     if mean is not None and std is not None:
         train = getattr(data, "train", None)
-        raw = getattr(train, "inputs", getattr(train, "images", None))
+        raw = getattr(train, "images", None)  # a detection set's (its `inputs` refuses, naming the task)
+        if raw is None:
+            raw = getattr(train, "inputs", None)
         scaled = raw is not None and raw.dtype == torch.uint8
         meta["normalization"] = {
             "mean": [float(m) for m in mean], "std": [float(s) for s in std],

@@ -379,3 +379,13 @@ class DetectionTask(Task):
 
     def latency_input(self, prepared: PreparedDetection):
         return next(iter(prepared.test_loader))["input"][:1]
+
+    def example_inputs(self, prepared: PreparedDetection, n: int):
+        """The first ``n`` test images as the model sees them (what an export's parity check runs)."""
+        taken, count = [], 0
+        for batch in prepared.test_loader:
+            taken.append(batch["input"][: n - count])
+            count += len(taken[-1])
+            if count >= n:
+                break
+        return torch.cat(taken)
