@@ -419,6 +419,25 @@ def part_cache_steps(args: argparse.Namespace) -> dict:
     median = {name: statistics.median(t) for name, t in times.items()}
     rows = [{"arm": name, "step s (median)": median[name], "steps": len(times[name]),
              "vs alone": median[name] / median["alone"]} for name in names]
+    # where the difference goes: the loss alone (forward and backward) on one batch's student logits
+    from distill.losses import get_loss
+
+    batch = batches[0]
+    with torch.no_grad():
+        logits = arms["alone"][0].student(batch["input"].long())
+        logits = getattr(logits, "logits", logits)
+    top = signals["cached top-64"].outputs(batch)["logits"]
+    ce, fkl = get_loss("token_ce").fn, get_loss("token_fkl").fn
+    loss_times = {"token_ce (labels)": [], "token_fkl (cached top-64)": []}
+    for _ in range(args.rounds):
+        for name, fn in (("token_ce (labels)", lambda z: ce(z, batch["target"])), ("token_fkl (cached top-64)", lambda z: fkl(z, top))):
+            z = logits.detach().clone().requires_grad_(True)
+            started = time.perf_counter()
+            fn(z).backward()
+            loss_times[name].append(time.perf_counter() - started)
+    for name, values in loss_times.items():
+        rows.append({"arm": f"loss only: {name}", "step s (median)": statistics.median(values), "steps": len(values),
+                     "vs alone": statistics.median(values) / median["alone"]})
     meta.update(date_end=now(), load_average_end=load_average(),
                 config={"batch": recipe.train.batch_size, "block tokens": 64, "vocab": prepared.vocab_size,
                         "rounds": args.rounds, "steps per round": STEPS, "student": "gpt 2 x 64", "teacher": "gpt 4 x 128"},

@@ -615,12 +615,16 @@ class TeacherCache:
         return out
 
     def _rebuild(self, top: torch.Tensor, index: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities ``[B, ..., C]`` from top-k log-probabilities and indices ``[B, ..., k]``
-        and the tail mass ``[B, ...]``, the tail spread evenly over the other ``C - k`` classes."""
-        classes, k = self.classes, top.shape[-1]
-        if classes > k:
-            fill = torch.log(tail.float().clamp_min(_TINY) / (classes - k))
-            logits = fill.unsqueeze(-1).expand(*fill.shape, classes).clone()
-        else:
-            logits = torch.empty(*top.shape[:-1], classes, device=top.device)
-        return logits.scatter_(-1, index, top)
+        return rebuild_logits(top, index, tail, self.classes)
+
+
+def rebuild_logits(top: torch.Tensor, index: torch.Tensor, tail: torch.Tensor, classes: int) -> torch.Tensor:
+    """Log-probabilities ``[B, ..., C]`` from top-k log-probabilities and indices ``[B, ..., k]``
+    and the tail mass ``[B, ...]``, the tail spread evenly over the other ``C - k`` classes."""
+    k = top.shape[-1]
+    if classes > k:
+        fill = torch.log(tail.float().clamp_min(_TINY) / (classes - k))
+        logits = fill.unsqueeze(-1).expand(*fill.shape, classes).clone()
+    else:
+        logits = torch.empty(*top.shape[:-1], classes, device=top.device)
+    return logits.scatter_(-1, index, top)

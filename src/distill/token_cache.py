@@ -59,6 +59,7 @@ from distill.cache import (
     _model_device,
     _to_store,
     open_array,
+    rebuild_logits,
     teacher_digest,
 )
 from distill.checkpoints import atomic_write, fault_point, fsync_dir
@@ -70,7 +71,6 @@ from distill.taps import LOGITS
 FORMAT = "distill-token-cache"
 VERSION = 1
 HEADER = "header.json"
-_TINY = 1e-30
 _REBUILD_HINT = "rebuild it with `distill cache`"
 _ROWS_PER_CHUNK = 1024  # rows of [rows, V] log-softmax computed at once when reducing to top-k
 # fingerprint part -> how messages name it
@@ -470,7 +470,7 @@ class TokenCache:
         ids = self._rows(f"{j}.topk_indices", rows).long()
         tail = self._rows(f"{j}.tail", rows).float()
         if entry["per"] == "example":
-            return _rebuild(top, ids, tail, shape[-1]).to(device)
+            return rebuild_logits(top, ids, tail, shape[-1]).to(device)
         k = top.shape[-1]
         b, t = real.shape
         log_probs = torch.full((b, t, k), -math.log(k))
@@ -486,14 +486,3 @@ class TokenCache:
         placed = values.new_zeros(*real.shape, *shape)
         placed[real] = values
         return placed
-
-
-def _rebuild(top: torch.Tensor, index: torch.Tensor, tail: torch.Tensor, classes: int) -> torch.Tensor:
-    """Log-probabilities ``[n, C]`` from top-k ``[n, k]`` and the tail ``[n]``, spread evenly."""
-    k = top.shape[-1]
-    if classes > k:
-        fill = torch.log(tail.clamp_min(_TINY) / (classes - k))
-        logits = fill.unsqueeze(-1).expand(*fill.shape, classes).clone()
-    else:
-        logits = torch.empty(*top.shape[:-1], classes)
-    return logits.scatter_(-1, index, top)
