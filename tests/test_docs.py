@@ -407,6 +407,23 @@ FIGURES: list[Fig] = [
                               (7, "on-policy JSD β = 0.5, λ = 0.5", "{} | {} | {} | {}"),
                               (8, "sequence-level KD (teacher's samples)", "{} | {} | {} | {}"))],
     Fig("docs/language-models.md", "lm_distill.json", "half of a {}-step budget goes to its own gibberish", (J("rows[7].steps"),)),
+    Fig("README.md", "lm_scale.json",
+        "fused head + loss: peak memory {}× the logits path at vocab 50,257 and {}× at 151,936, time {}× and {}×; "
+        "top-64 token cache: {} bytes per token, a training step {}× the student alone (the live teacher {}×), "
+        "perplexity {} against {} from the live teacher",
+        (J("fused.summary.vocab 50257, 1024 tokens.peak_mem_ratio"), J("fused.summary.vocab 151936, 1024 tokens.peak_mem_ratio"), J("fused.summary.vocab 50257, 1024 tokens.time_ratio"), J("fused.summary.vocab 151936, 1024 tokens.time_ratio"),
+         J("cache.summary.cache.bytes_per_token"), J("cache_steps.summary.steps.cached_vs_alone"),
+         J("cache_steps.summary.steps.live_vs_alone"), J("cache.summary.cache.ppl_cached"),
+         J("cache.summary.cache.ppl_live"))),
+    Fig("docs/language-models.md", "lm_scale.json",
+        "(a step {}× the student alone against {}× with the live teacher, measured interleaved)",
+        (J("cache_steps.summary.steps.cached_vs_alone"), J("cache_steps.summary.steps.live_vs_alone"))),
+    Fig("docs/language-models.md", "lm_scale.json", "(4 epochs on 1,500 blocks, perplexity {})",
+        (J("cache.summary.cache.ppl_teacher"),)),
+    Fig("docs/language-models.md", "lm_scale.json", "its perplexity is {} against {} distilled from the live teacher",
+        (J("cache.summary.cache.ppl_cached"), J("cache.summary.cache.ppl_live"))),
+    Fig("README.md", "lm_scale.json", "FSDP on 2 processes = 1 process within {} |",
+        (J("fsdp.summary.fsdp.max_abs_weight_difference"),)),
     Fig("docs/language-models.md", "lm_scale.json",
         "jobs: peak memory {}× today's path (the heads' products, full logits, `token_gjsd`) at vocab 50,257 and {}× "
         "at 151,936, and {}× at 4,096 tokens; time {}× and {}×; against GKD's loss as TRL writes it (plain autograd "
