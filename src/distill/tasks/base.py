@@ -195,6 +195,19 @@ class Task:
         return None
 
 
+def first_inputs(loader, n: int):
+    """The ``"input"`` of a loader's first ``n`` samples, concatenated (a task's export examples)."""
+    import torch
+
+    taken, count = [], 0
+    for batch in loader:
+        taken.append(batch["input"][: n - count])
+        count += len(taken[-1])
+        if count >= n:
+            break
+    return torch.cat(taken)
+
+
 TASKS: Registry[type[Task]] = Registry("task")
 
 def _task_module(name: str) -> str:

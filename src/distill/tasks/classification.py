@@ -155,13 +155,9 @@ class ClassificationTask(Task):
         return next(iter(prepared.test_loader))["input"][:1]
 
     def example_inputs(self, prepared, n: int):
-        taken, count = [], 0
-        for batch in prepared.test_loader:
-            taken.append(batch["input"][: n - count])
-            count += len(taken[-1])
-            if count >= n:
-                break
-        return torch.cat(taken)
+        from distill.tasks.base import first_inputs
+
+        return first_inputs(prepared.test_loader, n)
 
     def labelled_test_batches(self, prepared):
         return prepared.test_loader

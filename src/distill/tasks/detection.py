@@ -382,10 +382,6 @@ class DetectionTask(Task):
 
     def example_inputs(self, prepared: PreparedDetection, n: int):
         """The first ``n`` test images as the model sees them (what an export's parity check runs)."""
-        taken, count = [], 0
-        for batch in prepared.test_loader:
-            taken.append(batch["input"][: n - count])
-            count += len(taken[-1])
-            if count >= n:
-                break
-        return torch.cat(taken)
+        from distill.tasks.base import first_inputs
+
+        return first_inputs(prepared.test_loader, n)
