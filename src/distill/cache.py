@@ -235,6 +235,20 @@ def _install(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _seal(tmp: Path, path: Path, header: dict[str, Any]) -> None:
+    """Write a finished build's ``header.json`` into ``tmp`` and move ``tmp`` onto ``path``."""
+    atomic_write(tmp / HEADER, lambda f: f.write(json.dumps(header, indent=2).encode()))
+    fsync_dir(tmp)
+    _install(tmp, path)
+
+
+def _discard(tmp: Path, writers: dict[str, "_ArrayWriter"]) -> None:
+    """Drop an interrupted build: unmap its arrays, remove ``tmp``."""
+    for writer in writers.values():
+        writer.__dict__.pop("array", None)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
@@ -333,13 +347,9 @@ def build_cache(
             "arrays": arrays,
             "fingerprint": stamp,
         }
-        atomic_write(tmp / HEADER, lambda f: f.write(json.dumps(header, indent=2).encode()))
-        fsync_dir(tmp)
-        _install(tmp, path)
+        _seal(tmp, path, header)
     except BaseException:
-        for writer in writers.values():
-            writer.__dict__.pop("array", None)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp, writers)
         raise
     finally:
         teacher.train(was_training)

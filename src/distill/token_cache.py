@@ -41,7 +41,6 @@ import hashlib
 import json
 import math
 import secrets
-import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,15 +53,16 @@ from distill.cache import (
     _STORE,
     _ArrayWriter,
     _check_destination,
-    _install,
+    _discard,
     _json_hash,
     _model_device,
+    _seal,
     _to_store,
     open_array,
     rebuild_logits,
     teacher_digest,
 )
-from distill.checkpoints import atomic_write, fault_point, fsync_dir
+from distill.checkpoints import fault_point
 from distill.errors import DistillError
 from distill.losses.token_divergences import TopK
 from distill.signals import Batch, Feed, LiveTeacher, default_feed
@@ -230,13 +230,9 @@ def build_token_cache(
             "arrays": arrays,
             "fingerprint": fingerprint,
         }
-        atomic_write(tmp / HEADER, lambda f: f.write(json.dumps(header, indent=2).encode()))
-        fsync_dir(tmp)
-        _install(tmp, path)
+        _seal(tmp, path, header)
     except BaseException:
-        for writer in writers.values():
-            writer.__dict__.pop("array", None)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp, writers)
         raise
     finally:
         teacher.train(was_training)
