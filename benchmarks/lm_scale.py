@@ -30,6 +30,9 @@ Parts:
   trained once by ``distill run``, cached by ``distill cache`` as its top-64 log-probabilities per
   token, then the student alone, distilled from the cache, and distilled from the live teacher
   (same steps): perplexity, epoch time, bytes per token on disk.
+- ``cache_hard`` (after ``cache``): the same two distilled students with 0.5 x token CE on the
+  labels + 0.5 x forward KL (the top-64 bucket KL leaves the spread of the teacher's tail to the
+  student; the labels constrain it), against the same alone.
 - ``cache_steps`` (after ``cache``): the same three arms' training steps timed interleaved in one
   process (rounds of a few steps each, the order rotated), the median step time of each.
 - ``fsdp``: ``benchmarks/fsdp_equality.py``: a sharded student (``train.sharding: fsdp``) on 2 CPU
@@ -305,10 +308,14 @@ def _epoch_seconds(run: Path, stage: str) -> list[float]:
     return [h["epoch_seconds"] for h in history]
 
 
-def part_cache(args: argparse.Namespace) -> dict:
+def part_cache(args: argparse.Namespace, hard: float = 0.0) -> dict:
     """The token-level teacher cache on a real tokenizer: a GPT student distilled from the top-64 of
     its teacher's next-token distribution (cached once) against the same student alone and the same
-    student distilled from the live teacher, same steps."""
+    student distilled from the live teacher, same steps.
+
+    ``hard`` > 0 (part ``cache_hard``): both distilled students' objective is ``hard`` x token CE on
+    the labels + (1 - ``hard``) x forward KL, instead of the preset's forward KL alone; the teacher and
+    its cache are part ``cache``'s."""
     import distill
     from distill.cli import main as cli
     from distill.recipes import load_recipe
@@ -322,23 +329,31 @@ def part_cache(args: argparse.Namespace) -> dict:
         distill.run_recipe(load_recipe(PRESET, base + ["baseline.enabled=false", "distill.enabled=false"]),
                            work / "teacher", overwrite=True, progress=False)
     loaded = base + [f"teacher.weights={weights}"]
+    arms = ("cached", "live")
+    if hard:
+        loaded += [f"distill.terms=[{{name: ce, loss: token_ce, weight: {hard}}}, "
+                   f"{{name: kd, loss: token_fkl, weight: {1 - hard}}}]"]
+        arms = (f"cached-hard{hard}", f"live-hard{hard}")
     recipe_file = work / "cache-recipe.yaml"
     recipe_file.write_text(load_recipe(PRESET, loaded + [f"teacher.cache_topk={CACHE_TOPK}"])
                            .model_dump_json(exclude_none=True))
     cache = work / "teacher-cache"
     started = time.perf_counter()
-    if cli(["cache", str(recipe_file), "--out", str(cache)]) != 0:
-        raise SystemExit("distill cache failed")
-    build_seconds = time.perf_counter() - started
+    if hard and (cache / "header.json").is_file():
+        build_seconds = None  # cache_hard reuses part cache's (the runs check its fingerprint)
+    else:
+        if cli(["cache", str(recipe_file), "--out", str(cache)]) != 0:
+            raise SystemExit("distill cache failed")
+        build_seconds = time.perf_counter() - started
     header = json.loads((cache / "header.json").read_text())
     size = sum(f.stat().st_size for f in cache.iterdir())
     cached = distill.run_recipe(load_recipe(PRESET, loaded + [f"teacher.cache={cache}", f"teacher.cache_topk={CACHE_TOPK}"]),
-                                work / "cached", overwrite=True, progress=False)
-    live = distill.run_recipe(load_recipe(PRESET, loaded + ["baseline.enabled=false"]), work / "live",
+                                work / arms[0], overwrite=True, progress=False)
+    live = distill.run_recipe(load_recipe(PRESET, loaded + ["baseline.enabled=false"]), work / arms[1],
                               overwrite=True, progress=False)
-    seconds = {"alone": _epoch_seconds(work / "cached", "baseline-seed0"),
-               "distilled, cached top-64": _epoch_seconds(work / "cached", "student-seed0"),
-               "distilled, live teacher": _epoch_seconds(work / "live", "student-seed0")}
+    seconds = {"alone": _epoch_seconds(work / arms[0], "baseline-seed0"),
+               "distilled, cached top-64": _epoch_seconds(work / arms[0], "student-seed0"),
+               "distilled, live teacher": _epoch_seconds(work / arms[1], "student-seed0")}
     runs = {"alone": cached.baseline, "distilled, cached top-64": cached.student, "distilled, live teacher": live.student}
     rows = [{"student": name, "perplexity": role.metric("perplexity"), "token accuracy %": 100 * role.metric("accuracy"),
              "agreement %": 100 * role.metric("agreement"), "epoch s (median)": statistics.median(seconds[name]),
@@ -352,19 +367,21 @@ def part_cache(args: argparse.Namespace) -> dict:
         "ppl_relative_difference": abs(ppl_cached - ppl_live) / ppl_live,
         "ppl_alone": cached.baseline.metric("perplexity"), "ppl_teacher": cached.teacher.metric("perplexity"),
         "bytes_per_token": size / header["tokens"], "cache_tokens": header["tokens"],
-        "cache_mib": size / 2**20, "cache_build_seconds": build_seconds,
+        "cache_mib": size / 2**20, **({} if build_seconds is None else {"cache_build_seconds": build_seconds}),
     }
     meta.update(
         date_end=now(), load_average_end=load_average(),
         config={"data": "tinyshakespeare, GPT-2 BPE", "vocab": header["fingerprint"]["about"]["vocab"],
                 "training blocks": args.blocks, "block tokens": 64, "preset": PRESET,
                 "teacher": "gpt 4 x 128", "teacher epochs": args.teacher_epochs, "student": "gpt 2 x 64",
-                "student epochs": args.student_epochs, "loss": "token_fkl, T 1", "cache": f"top-{CACHE_TOPK}, fp16"},
+                "student epochs": args.student_epochs,
+                "loss": f"{hard} token_ce + {1 - hard:g} token_fkl, T 1" if hard else "token_fkl, T 1",
+                "cache": f"top-{CACHE_TOPK}, fp16"},
         variants={"timing": "median epoch time of each stage over its epochs, stages one after the other (not "
                             "interleaved); the cache's build is not in the epoch time (cache_build_seconds)"},
         targets={"cached_vs_alone": "<= 1.10", "ppl_relative_difference": "<= 0.01"},
     )
-    return {"meta": meta, "rows": rows, "summary": {"cache": summary}}
+    return {"meta": meta, "rows": rows, "summary": {"cache_hard" if hard else "cache": summary}}
 
 
 def part_cache_steps(args: argparse.Namespace) -> dict:
@@ -464,8 +481,10 @@ def part_fsdp(args: argparse.Namespace) -> dict:
     return {"meta": meta, "rows": [], "summary": {"fsdp": shown}, "raw": figures}
 
 
-PARTS: dict[str, Callable[[argparse.Namespace], dict]] = {"fused": part_fused, "cache": part_cache,
-                                                           "cache_steps": part_cache_steps, "fsdp": part_fsdp}
+PARTS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "fused": part_fused, "cache": part_cache, "cache_hard": lambda args: part_cache(args, hard=HARD),
+    "cache_steps": part_cache_steps, "fsdp": part_fsdp}
+HARD = 0.5  # part cache_hard: the token CE's weight beside forward KL
 
 
 # ------------------------------------------------------------------------------------------ results

@@ -225,12 +225,12 @@ def test_peak_memory_is_bounded_by_one_chunk():
     logits_bytes = b * t * v * 4
     head = nn.Linear(d, v)
 
-    def peak(chunk: int, weight: float = 1.0) -> int:
+    def peak(chunk: int, weight: float = 1.0, loss: str = "token_gjsd") -> int:
         student = head(torch.randn(b, t, d))  # logits with a graph behind them, as from a model
         teacher = torch.randn(b, t, v)
         tracker = _LiveTensorBytes()
         with tracker.mode:
-            (weight * get_loss("token_gjsd").fn(student, teacher, None, chunk_tokens=chunk)).backward()
+            (weight * get_loss(loss).fn(student, teacher, None, chunk_tokens=chunk)).backward()
         return tracker.peak
 
     per_chunk_row = v * 4
@@ -242,6 +242,8 @@ def test_peak_memory_is_bounded_by_one_chunk():
     assert naive > 8 * logits_bytes  # one chunk for everything: the full-size fp32 temporaries
     # a weighted loss: backward hands on a scaled copy of the buffer
     assert peak(64, weight=0.5) <= 2 * logits_bytes + 40 * 64 * per_chunk_row
+    # forward KL's closed-form gradient: fewer temporaries than the autograd path
+    assert peak(64, loss="token_fkl") <= logits_bytes + 12 * 64 * per_chunk_row
 
 
 # ------------------------------------------------------------------------------ vocabularies
@@ -399,6 +401,71 @@ def test_a_cached_topk_teacher_reads_back_the_stored_tail_mass():
         fkl(student, TopK(top, index, tail), None, temperature=2.0)
     with pytest.raises(ValueError, match="outside the 20-token vocabulary"):
         fkl(student[..., :20], TopK(top, index, tail), None)
+
+
+def test_an_explicit_topk_teacher_gets_the_bucket_kl_gradient_even_where_the_student_tail_underflows():
+    """Forward KL on an explicit top-k teacher has a closed-form gradient (p_s - p_t on the top k,
+    p_s (1 - t_tail / s_tail) on the tail); it matches the float64 bucket KL, also in rows where the
+    student's tail mass underflows an fp32 sum (those rows go through the log-space path)."""
+    student, teacher = _logits(2, 4, 40, seed=25), _logits(2, 4, 40, seed=26).detach()
+    k = 6
+    log_p = torch.log_softmax(teacher, -1)
+    top, index = log_p.topk(k, -1)
+    tail = log_p.exp().scatter(-1, index, 0.0).sum(-1)
+    with torch.no_grad():  # one row whose student puts all but e^-120 of its mass on the teacher's top k
+        student[1, 2] = -60.0
+        student[1, 2].scatter_(-1, index[1, 2], 60.0)
+    mask = torch.ones(2, 4)
+    mask[0, 3] = 0
+    fkl = get_loss("token_fkl").fn
+    for chunk in (3, 4096):
+        student.grad = None
+        value = fkl(student, TopK(top, index, tail), mask, chunk_tokens=chunk)
+        value.backward()
+        s64 = student.detach().double().requires_grad_()
+        expected = _bucket_fkl64(s64, teacher, k, mask)
+        expected.backward()
+        assert torch.isfinite(student.grad).all()
+        torch.testing.assert_close(value.double(), expected, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(student.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["token_fkl", "token_ce"])
+def test_closed_form_gradients_equal_autograd_on_the_same_chunk(name):
+    """The closed forms of forward KL (dense, coarsened to top-k, explicit top-k) and of token CE give
+    the values and gradients that autograd through the row loss gives."""
+    from distill.losses import token_divergences as td
+
+    student, teacher = _logits(3, 5, 33, seed=27).detach(), _logits(3, 5, 33, seed=28).detach()
+    mask = torch.ones(3, 5)
+    mask[2, 1:] = 0
+    if name == "token_ce":
+        labels = torch.randint(0, 33, (3, 5), generator=torch.Generator().manual_seed(3))
+        cases = [(td.token_ce_plan(name, tuple(student.shape), labels, mask, student.device, chunk_tokens=4,
+                                   vocab_size=None, ignore_index=-100), lambda *_: None, [labels])]
+    else:
+        log_p = torch.log_softmax(teacher, -1)
+        top, index = log_p.topk(5, -1)
+        tail = log_p.exp().scatter(-1, index, 0.0).sum(-1)
+        cases = []
+        for temperature, topk, parts in [(1.0, None, [teacher]), (2.5, None, [teacher]), (2.0, 7, [teacher]),
+                                         (1.0, None, [top, index, tail])]:
+            shape = parts if len(parts) == 3 else tuple(teacher.shape)
+            plan = td.divergence_plan(name, tuple(student.shape), shape, mask, student.device,
+                                      temperature=temperature, chunk_tokens=4, vocab_size=None, topk=topk,
+                                      kl_family=True)
+            cases.append((plan, td.forward_kl, parts))
+    for plan, row_loss, parts in cases:
+        rows = plan.rows
+        s = student.reshape(-1, 33)[rows]
+        t = [p.reshape(-1, *p.shape[2:])[rows] for p in parts]
+        closed = td._closed_form(plan, row_loss, s, t)
+        assert closed is not None
+        leaf = s.clone().requires_grad_()
+        expected = td._chunk_rows(plan, row_loss, leaf, t).sum() / plan.count
+        (grad,) = torch.autograd.grad(expected, leaf)
+        torch.testing.assert_close(closed[0], expected.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(closed[1], grad, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------ the objective's mask

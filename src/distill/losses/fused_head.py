@@ -61,6 +61,7 @@ from distill.losses.token_divergences import (
     _Plan,
     check_alpha,
     check_beta,
+    chunk_value_and_grad,
     divergence_plan,
     forward_kl,
     generalized_jsd,
@@ -167,13 +168,10 @@ def _evaluate(
                 with torch.no_grad():
                     total += _chunk_rows(plan, row_loss, s_piece, t_piece).sum().double() / plan.count
                 continue
-            with torch.enable_grad():
-                leaf = s_piece.detach().requires_grad_(True)
-                part = _chunk_rows(plan, row_loss, leaf, t_piece).sum() / plan.count
-                (piece_grad,) = torch.autograd.grad(part, leaf)
+            part, piece_grad = chunk_value_and_grad(plan, row_loss, s_piece, t_piece)
             s_piece.copy_(piece_grad)  # these logits are used up: their gradient takes their place
-            total += part.detach().double()
-            del leaf, part, piece_grad
+            total += part.double()
+            del part, piece_grad
         del t_rows, t_piece  # the teacher's logits of the chunk
         if not any(need):
             continue

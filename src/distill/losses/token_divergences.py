@@ -33,7 +33,9 @@ objective). The cut logits get no gradient.
 
 **Memory.** The flattened positions are processed ``chunk_tokens`` rows at a time: a chunk is cast to
 fp32, its loss and its gradient with respect to the logits are computed (autograd on that chunk
-alone), the gradient is written into a buffer of the logits' shape and dtype, and the chunk's fp32
+alone; for forward KL and token CE a closed form, ``T (p_s - p_t)`` and ``p_s - onehot``, in a few
+passes over the chunk, the cost of CE: ``benchmarks/lm_scale.py cache_steps`` times both), the
+gradient is written into a buffer of the logits' shape and dtype, and the chunk's fp32
 tensors are freed before the next. Backward then only scales that buffer. So besides the logits
 and their gradient (which any loss needs), at most one chunk of ``[chunk_tokens, V]`` fp32
 intermediates is alive, never the whole ``B × T × V`` in fp32, and padded positions are not computed
@@ -233,6 +235,73 @@ def _chunk_rows(plan: _Plan, row_loss: RowLoss, s: torch.Tensor, teacher: Sequen
     return row_loss(log_t, log_s) * plan.scale
 
 
+def chunk_value_and_grad(
+    plan: _Plan, row_loss: RowLoss, s: torch.Tensor, teacher: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's share of the mean loss (a 0-d fp32 tensor: the sum of its rows over
+    ``plan.count``) and its gradient with respect to the student logits ``s`` ``[n, V]`` (fp32).
+
+    Forward KL and cross-entropy have closed-form gradients (``T (p_s - p_t)`` on the compared
+    outcomes; on a top-k teacher's tail, each tail token's ``p_s`` times ``1 - t_tail / s_tail``),
+    computed in a few passes over ``[n, V]`` instead of autograd's graph of the row loss; the other
+    divergences, and rows whose student tail mass underflows fp32, go through autograd on the chunk."""
+    closed = _closed_form(plan, row_loss, s, teacher)
+    if closed is not None:
+        return closed
+    with torch.enable_grad():
+        leaf = s.detach().float().requires_grad_(True)
+        part = _chunk_rows(plan, row_loss, leaf, teacher).sum() / plan.count
+        (grad,) = torch.autograd.grad(part, leaf)
+    return part.detach(), grad
+
+
+def _closed_form(
+    plan: _Plan, row_loss: RowLoss, s: torch.Tensor, teacher: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`chunk_value_and_grad` for forward KL and labels, or None where it does not apply."""
+    if plan.mode == "labels":
+        log_s = _log_softmax_rows(s, 1.0)
+        label = teacher[0].long().unsqueeze(-1)
+        value = -log_s.gather(-1, label).sum() / plan.count
+        grad = log_s.exp_()
+        grad.scatter_add_(-1, label, grad.new_full(label.shape, -1.0))
+        return value, grad.div_(plan.count)
+    if row_loss is not forward_kl:
+        return None
+    temperature = plan.temperature
+    log_s = _log_softmax_rows(s, temperature)
+    if plan.mode == "dense" and (plan.topk is None or plan.topk >= plan.vocab):
+        log_t = _log_softmax_rows(teacher[0], temperature)
+        value = _kl(log_t, log_s).sum()
+        grad = log_s.exp_().sub_(log_t.exp_())
+    else:
+        if plan.mode == "explicit":
+            values, index, tail = teacher
+            index = index.long()
+            t_top = torch.cat([values.float(), tail.float().clamp_min(_TINY).log().unsqueeze(-1)], dim=-1)
+            t_top = torch.log_softmax(t_top, dim=-1)
+        else:
+            log_t = _log_softmax_rows(teacher[0], temperature)
+            index = log_t.topk(plan.topk, dim=-1).indices
+            t_top = _bucket(log_t, index)
+            del log_t
+        if index.shape[-1] >= log_s.shape[-1]:
+            return None
+        s_top = log_s.gather(-1, index)
+        grad = log_s.exp_()  # p_s, in place of its logarithm
+        grad.scatter_(-1, index, 0.0)
+        s_tail = grad.sum(-1, keepdim=True)  # the student's mass outside the teacher's top k
+        if not bool((s_tail > 1e-30).all()):
+            return None  # a tail too small for fp32 sums: autograd's log-space path
+        log_s_top = torch.cat([s_top, s_tail.log()], dim=-1)
+        value = _kl(t_top, log_s_top).sum()
+        p_t = t_top.exp()
+        grad.mul_(1.0 - p_t[:, -1:] / s_tail)  # tail tokens: p_s (1 - t_tail / s_tail)
+        grad.scatter_(-1, index, s_top.exp() - p_t[:, :-1])  # top k: p_s - p_t
+    scale = plan.scale / temperature / plan.count  # d/ds of T^2 KL(softmax(t/T) || softmax(s/T))
+    return value * (plan.scale / plan.count), grad.mul_(scale)
+
+
 def _flat(tensor: torch.Tensor, width: int | None) -> torch.Tensor:
     """``[..., W]`` -> ``[N, width]`` (a view when the layout allows), or ``[...]`` -> ``[N]``."""
     if width is None:
@@ -271,11 +340,15 @@ def _evaluate(
             with torch.no_grad():
                 total += _chunk_rows(plan, row_loss, pieces[0], pieces[1:]).sum().double() / plan.count
             continue
-        with torch.enable_grad():
-            leaves = [p.detach().float().requires_grad_(n) if n else p.detach() for p, n in zip(pieces, need)]
-            part = _chunk_rows(plan, row_loss, leaves[0], leaves[1:]).sum() / plan.count
-            wanted = [leaf for leaf, n in zip(leaves, need) if n]
-            found = iter(torch.autograd.grad(part, wanted))
+        if need[0] and not any(need[1:]):  # the student alone: closed forms where they exist
+            part, student_grad = chunk_value_and_grad(plan, row_loss, pieces[0], pieces[1:])
+            found = iter([student_grad])
+        else:
+            with torch.enable_grad():
+                leaves = [p.detach().float().requires_grad_(n) if n else p.detach() for p, n in zip(pieces, need)]
+                part = _chunk_rows(plan, row_loss, leaves[0], leaves[1:]).sum() / plan.count
+                wanted = [leaf for leaf, n in zip(leaves, need) if n]
+                found = iter(torch.autograd.grad(part, wanted))
         for g, n in zip(g_flat, need):
             if not n:
                 continue
@@ -285,7 +358,7 @@ def _evaluate(
             else:
                 g.index_copy_(0, where, chunk_grad.to(g.dtype))
         total += part.detach().double()
-        del leaves, part, wanted, found
+        del part, found
     return total.to(torch.float32), grads
 
 
