@@ -275,3 +275,20 @@ def test_task_names_what_is_missing(tiny_setup):
         load_recipe({**recipe.model_dump(), "task_options": {"max_len": 8}})
     with pytest.raises(DistillError, match="official file"):
         read_stsb(tiny_setup / "stsb")
+
+
+def test_check_run_and_sweep_trial_build_the_same_sentence_embedding_stage(tiny_setup, recorded_stages):
+    """One stage (issue 14): `distill check`, `distill run` and a sweep trial of a sentence-embedding
+    recipe assemble the same terms, transforms, teacher signal and monitor."""
+    from distill.check import check_recipe
+    from distill.recipes import load_recipe
+    from distill.sweep import train_trial
+
+    run_task(tiny_setup, {"model": "hf", "kwargs": {"layers": [1]}}, "same")
+    recipe = load_recipe(str(tiny_setup / "same.yaml"))
+    from_run = dict(recorded_stages["student-seed0"])
+    check_recipe(recipe)
+    train_trial(recipe)
+    assert from_run == recorded_stages["distill"] == recorded_stages["trial"]
+    assert from_run["terms"] == [("emb", "embedding_cosine", 1.0, {})]
+    assert from_run["signal"] == "LiveTeacher" and from_run["monitor"] == "val_spearman"

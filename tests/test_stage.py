@@ -56,26 +56,6 @@ def lm_recipe(text_file: Path) -> dict:
     }
 
 
-def record_stages(monkeypatch) -> dict[str, dict]:
-    """Every stage assembled from now on, by name: its terms, transforms and teacher signal."""
-    seen: dict[str, dict] = {}
-    original = stage_module.assemble_stage
-
-    def spy(name, student, teacher, terms, **kwargs):
-        built = original(name, student, teacher, terms, **kwargs)
-        seen[name] = {
-            "terms": [(t.name, t.loss, t.weight, t.params) for t in terms],
-            "transforms": [t.__qualname__ if type(t).__name__ == "function" else type(t).__name__
-                           for t in built.transforms],
-            "signal": type(teacher).__name__,
-            "monitor": built.config.monitor,
-        }
-        return built
-
-    monkeypatch.setattr(stage_module, "assemble_stage", spy)
-    return seen
-
-
 @pytest.fixture
 def text_file(tmp_path):
     path = tmp_path / "input.txt"
@@ -101,7 +81,7 @@ def text_classification_recipe(tmp_path) -> dict:
 
 
 @pytest.mark.parametrize("task", ["classification", "causal-lm", "ranking", "text-classification"])
-def test_check_run_and_sweep_trial_build_the_same_distilled_stage(task, tmp_path, monkeypatch, text_file):
+def test_check_run_and_sweep_trial_build_the_same_distilled_stage(task, tmp_path, recorded_stages, text_file):
     """On 8da6390 a sweep trial of an on-policy causal-LM recipe ran without the task's on-policy
     transform (and `check` dry-ran with the bare teacher model, not the signal a run uses)."""
     from distill.sweep import train_trial
@@ -109,7 +89,7 @@ def test_check_run_and_sweep_trial_build_the_same_distilled_stage(task, tmp_path
     data = {"classification": classification_recipe, "causal-lm": lambda: lm_recipe(text_file),
             "ranking": lambda: ranking_recipe(tmp_path), "text-classification": lambda: text_classification_recipe(tmp_path),
             }[task]()
-    seen = record_stages(monkeypatch)
+    seen = recorded_stages
     run_recipe(load_recipe(data), tmp_path / "run", progress=False)
     from_run = seen["student-seed0"]
     data["teacher"]["weights"] = str(tmp_path / "run" / "teacher.safetensors")

@@ -71,3 +71,24 @@ def test_detection_recipe_end_to_end(shared, tmp_path):
         assert result.path.is_file() and result.parity.passed and result.parity.samples == 16  # the test images
         runner = load_exported(fmt, result.path.read_bytes(), run.fresh_student)
         assert runner(images).shape == (4, width)  # heatmap, sizes and offsets side by side
+
+
+def test_check_run_and_sweep_trial_build_the_same_detection_stage(shared, tmp_path, recorded_stages):
+    """One stage (issue 14): `distill check`, `distill run` and a sweep trial of a detection recipe
+    assemble the same terms, transforms, teacher signal and monitor (the task's mAP)."""
+    from distill.check import check_recipe
+    from distill.pipeline import run_recipe
+    from distill.sweep import train_trial
+
+    small = [f"data.options.path={shared / 'mnist'}", "seeds=[0]", "data.options.train_images=48",
+             "data.options.test_images=8", "data.options.canvas_size=48", "data.options.scale=[14,20]",
+             "data.val_fraction=0.25", "teacher.train.epochs=1", "train.epochs=1", "teacher.train.batch_size=16",
+             "train.batch_size=16", "teacher.gate.enabled=false", "evaluate.latency=false"]
+    run_recipe(load_recipe("mnist-detection", small), tmp_path / "run", progress=False)
+    from_run = dict(recorded_stages["student-seed0"])
+    recipe = load_recipe("mnist-detection", [*small, f"teacher.weights={tmp_path / 'run' / 'teacher.safetensors'}"])
+    check_recipe(recipe)
+    train_trial(recipe)
+    assert from_run == recorded_stages["distill"] == recorded_stages["trial"]
+    assert [t[:2] for t in from_run["terms"]] == [("gt", "centernet"), ("box", "box_kd")]
+    assert from_run["signal"] == "LiveTeacher" and from_run["monitor"] == "val_map"

@@ -78,7 +78,8 @@ def check_searchable(recipe) -> None:
 def train_trial(recipe, data_dir: str | Path | None = None, on_epoch_end=None) -> TrialOutcome:
     """Train the distilled student of ``recipe`` (its first seed) and score it on the validation split.
 
-    The teacher is loaded from ``teacher.weights`` (and read from ``teacher.cache`` when set); the
+    The teacher is loaded from ``teacher.weights``, or used as built when ``teacher.pretrained``
+    (and read from ``teacher.cache`` when set); the
     test split is never evaluated. ``on_epoch_end(row)`` gets each epoch's metrics
     (``val_<primary metric>`` among them) and may return True to stop, as :class:`distill.Trainer`
     documents."""
@@ -86,8 +87,9 @@ def train_trial(recipe, data_dir: str | Path | None = None, on_epoch_end=None) -
     from distill.tasks.base import get_task
 
     check_searchable(recipe)
-    if recipe.teacher.weights is None:
-        raise DistillError("a sweep trial loads its teacher: set teacher.weights (run_sweep does)")
+    if recipe.teacher.weights is None and not recipe.teacher.pretrained:
+        raise DistillError("a sweep trial loads its teacher: set teacher.weights (run_sweep does) or use a "
+                           "pretrained teacher (teacher.pretrained: true)")
     task = get_task(recipe.task)
     check_runnable(recipe, task)
     prepared = _prepared(recipe, data_dir)
