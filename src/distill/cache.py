@@ -45,7 +45,7 @@ import torch
 from numpy.lib.format import open_memmap
 from torch import nn
 
-from distill.checkpoints import atomic_write, fault_point, fsync_dir
+from distill.checkpoints import atomic_write, fault_point, fsync_dir, replace_directory
 from distill.data.loader import BatchLoader
 from distill.errors import DistillError
 from distill.signals import Batch, Feed, LiveTeacher, default_feed
@@ -218,20 +218,11 @@ def _check_destination(path: Path) -> None:
 
 
 def _install(tmp: Path, path: Path) -> None:
-    """Move the finished ``tmp`` directory onto ``path``, replacing an older cache there."""
-    if path.is_dir() and any(path.iterdir()):
-        # Linux cannot rename a directory over a non-empty one: move the old cache aside first.
-        # A crash between the two renames leaves it as NAME.old-*, which a reader names.
-        old = path.with_name(f"{path.name}.old-{secrets.token_hex(4)}")
-        os.replace(path, old)
-        fault_point("cache-install")  # tests: DISTILL_FAULT=cache-install:N kills the build here
-        os.replace(tmp, path)
-    else:
-        if path.is_dir():
-            path.rmdir()
-        os.replace(tmp, path)
-    fsync_dir(path.parent)
-    for old in _set_aside(path):  # this one and any left by an interrupted replacement
+    """Move the finished ``tmp`` directory onto ``path``, replacing an older cache there (a crash
+    between the two renames leaves the old one as NAME.old-*, which a reader names)."""
+    # tests: DISTILL_FAULT=cache-install:N kills the build between the renames
+    replace_directory(tmp, path, between=lambda: fault_point("cache-install"))
+    for old in _set_aside(path):  # any left by an interrupted replacement
         shutil.rmtree(old, ignore_errors=True)
 
 

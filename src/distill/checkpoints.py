@@ -147,6 +147,27 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
+def replace_directory(tmp: Path, path: Path, between=None) -> None:
+    """Move the finished folder ``tmp`` onto ``path`` (same file system), replacing an older folder
+    there. Linux cannot rename a folder over a non-empty one, so an old folder is first moved aside
+    to ``NAME.old-*`` (``between()`` runs then: the fault point of a test) and removed after; a crash
+    between the two renames leaves it there for the caller to name or clean."""
+    import shutil
+
+    old = None
+    if path.is_dir() and any(path.iterdir()):
+        old = path.with_name(f"{path.name}.old-{os.urandom(4).hex()}")
+        os.replace(path, old)
+        if between is not None:
+            between()
+    elif path.is_dir():
+        path.rmdir()
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_directory(path: str | Path, write) -> Path:
     """Call ``write(folder)`` on a fresh temporary folder next to ``path``, then move it onto
     ``path`` (replacing an older folder there): readers see the old folder or the whole new one,
@@ -165,19 +186,10 @@ def atomic_directory(path: str | Path, write) -> Path:
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes owner-only folders; give the usual permissions
-        old = None
-        if path.is_dir() and any(path.iterdir()):
-            old = path.with_name(f"{path.name}.old-{os.urandom(4).hex()}")
-            os.replace(path, old)
-        elif path.is_dir():
-            path.rmdir()
-        os.replace(tmp, path)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
