@@ -292,3 +292,40 @@ def test_check_run_and_sweep_trial_build_the_same_sentence_embedding_stage(tiny_
     assert from_run == recorded_stages["distill"] == recorded_stages["trial"]
     assert from_run["terms"] == [("emb", "embedding_cosine", 1.0, {})]
     assert from_run["signal"] == "LiveTeacher" and from_run["monitor"] == "val_spearman"
+
+
+def test_the_teacher_cache_serves_sentence_embeddings(tiny_setup):
+    """`distill cache` / `teacher.cache` for sentence embeddings (issue 16): every training sentence's
+    teacher embedding stored once, looked up by the batch's sentence numbers; equal to the live
+    teacher's; a run with `teacher.cache: auto` trains from it."""
+    from distill.recipes import load_recipe
+    from distill.signals import LiveTeacher
+    from distill.stage import make_cache, open_cache
+    from distill.tasks.base import get_task
+
+    run_task(tiny_setup, {"model": "hf", "kwargs": {"layers": [1]}}, "live")
+    data = yaml.safe_load((tiny_setup / "live.yaml").read_text())
+    recipe = load_recipe(data)
+    task = get_task("sentence-embedding")
+    prepared = task.prepare(recipe, None)
+    teacher = task.build_model(recipe.teacher, prepared, 0)
+    path = make_cache(recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"cache_dtype": "fp32"})}),
+                      task, teacher, prepared, tiny_setup / "cache")
+    cached, live = open_cache(recipe, task, teacher, prepared, path), LiveTeacher(teacher, feed=task.feed)
+    batch = next(iter(task.train_loader(recipe, prepared, 3, 0)))
+    first, second = batch["index"][::2], batch["index"][1::2]  # pair p's sentences are 2p and 2p + 1
+    assert (first % 2 == 0).all() and (second == first + 1).all() and len(batch["index"]) == 6
+    torch.testing.assert_close(cached.outputs(batch)["logits"], live.outputs(batch)["logits"], rtol=1e-5, atol=1e-6)
+    # the training data changes: the cache is refused, the difference named
+    other = load_recipe({**data, "data": {**data["data"], "train_subset": 5}})
+    with pytest.raises(DistillError, match="data"):
+        open_cache(other, task, teacher, task.prepare(other, None), path)
+    # a run that builds and reads its cache: same student as the live run, to fp16 storage
+    data["teacher"]["cache"] = "auto"
+    (tiny_setup / "cached.yaml").write_text(yaml.safe_dump(data))
+    assert main(["run", str(tiny_setup / "cached.yaml"), "--out", str(tiny_setup / "cached"), "--quiet"]) == 0
+    with_cache = json.loads((tiny_setup / "cached" / "results.json").read_text())
+    without = json.loads((tiny_setup / "live" / "results.json").read_text())
+    assert with_cache["student"]["spearman"] == pytest.approx(without["student"]["spearman"], abs=0.05)
+    assert with_cache["baseline"]["spearman"] == without["baseline"]["spearman"]
+    assert (tiny_setup / "cached" / "teacher-cache" / "header.json").is_file()

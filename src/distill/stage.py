@@ -124,7 +124,7 @@ def make_cache(recipe, task, teacher: nn.Module, prepared, path: str | Path) -> 
         batch_size = stage_schedule(recipe, recipe.distill).batch_size
         return build_token_cache(
             teacher, lambda: task.cache_batches(recipe, prepared, batch_size), path,
-            num_samples=len(prepared.train), token_mask=task.cache_token_mask(teacher),
+            num_samples=task.cache_size(prepared), token_mask=task.cache_token_mask(teacher),
             fingerprint=_token_fingerprint(recipe, task, teacher, prepared), taps=teacher_taps(recipe),
             topk=recipe.teacher.cache_topk, dtype=recipe.teacher.cache_dtype, feed=task.feed,
         )
@@ -141,7 +141,7 @@ def _token_fingerprint(recipe, task, teacher: nn.Module, prepared) -> dict:
 
     parts = task.cache_fingerprint(recipe, prepared, teacher)
     return token_fingerprint(teacher, data=parts["data"], tokenizer=parts["tokenizer"], vocab=parts["vocab"],
-                             samples=len(prepared.train))
+                             samples=task.cache_size(prepared))
 
 
 def open_cache(recipe, task, teacher: nn.Module, prepared, path: str | Path):

@@ -73,6 +73,11 @@ class Task:
         return self.teacher_cache is not None
 
     # -- token caches (teacher_cache = "tokens") ----------------------------------------------
+    def cache_size(self, prepared) -> int:
+        """How many examples a token cache of the training set holds: the range of the batches'
+        ``"index"`` (one per row of the teacher's per-example outputs)."""
+        return len(prepared.train)
+
     def cache_batches(self, recipe, prepared, batch_size: int):
         """Batches that hold every training example exactly once, each with ``"index"`` (a new
         iterable on each call, the same batches every time)."""

@@ -2,10 +2,11 @@
 
 A training batch is a run of sentence pairs, interleaved (built by :class:`PairLoader`):
 
-    {"input_ids": [2B, T], "attention_mask": [2B, T], "target": float [B], "index": [B]}
+    {"input_ids": [2B, T], "attention_mask": [2B, T], "target": float [B], "index": [2B]}
 
 rows ``2i`` and ``2i + 1`` are pair ``i``'s sentences, ``target`` its gold similarity (0-5, ``nan``
-for unlabelled sentences paired up). Teacher and student read the same tokenisation (the
+for unlabelled sentences paired up), ``index`` the sentences' numbers (pair ``p``'s are ``2p`` and
+``2p + 1``), by which a teacher cache looks them up. Teacher and student read the same tokenisation (the
 teacher's tokenizer), so one :class:`distill.nlp.feed.TextFeed` feeds both, and their outputs, the
 sentence embeddings, are the ``logits`` tap:
 
@@ -121,7 +122,7 @@ class PairLoader:
         sentences = torch.stack([2 * index, 2 * index + 1], 1).reshape(-1)
         batch = self._sentences.collate(sentences)
         batch["target"] = self.pairs.scores[index]
-        batch["index"] = index
+        batch["index"] = sentences  # one per row: the teacher cache's key
         return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -169,7 +170,7 @@ class SentenceEmbeddingTask(Task):
     name = "sentence-embedding"
     primary_metric = "spearman"
     label_term = {"name": "pairs", "loss": "pair_cosine"}
-    teacher_cache = None
+    teacher_cache = "tokens"
     feed = TextFeed()
 
     # -- data -----------------------------------------------------------------------------------
@@ -229,6 +230,28 @@ class SentenceEmbeddingTask(Task):
     def train_loader(self, recipe, prepared: PreparedSentences, batch_size: int, seed: int, labelled_only: bool = False) -> PairLoader:
         return PairLoader(prepared.train, prepared.tokenizer, batch_size, shuffle=True, seed=seed,
                           max_length=prepared.max_length, drop_last=len(prepared.train) > batch_size)
+
+    # -- the token cache: the teacher's embedding of every training sentence, its per-token taps packed
+    def cache_size(self, prepared: PreparedSentences) -> int:
+        return 2 * len(prepared.train)  # two sentences per pair, numbered by the batches' "index"
+
+    def cache_batches(self, recipe, prepared: PreparedSentences, batch_size: int) -> PairLoader:
+        return PairLoader(prepared.train, prepared.tokenizer, batch_size, shuffle=False,
+                          max_length=prepared.max_length)
+
+    def cache_token_mask(self, teacher: nn.Module):
+        return lambda batch: batch["attention_mask"]
+
+    def cache_fingerprint(self, recipe, prepared: PreparedSentences, teacher: nn.Module) -> dict:
+        import hashlib
+
+        data = hashlib.sha256()
+        for sentence in prepared.train.sentences():
+            data.update(sentence.encode() + b"\0")
+        tok = prepared.tokenizer
+        vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+        tokenizer = {"class": type(tok).__name__, "vocab": sorted(vocab.items()), "max_length": prepared.max_length}
+        return {"data": data.digest(), "tokenizer": tokenizer, "vocab": len(vocab) or None}
 
     # -- models ---------------------------------------------------------------------------------
     def build_model(self, spec, prepared: PreparedSentences, seed: int) -> nn.Module:
