@@ -168,11 +168,58 @@ def test_a_tampered_or_truncated_cache_file_is_refused_before_training(text_file
         open_cache(recipe, task, teacher, prepared, tmp_path / "cache")
 
 
-def test_on_policy_or_sequence_kd_with_a_cache_is_refused_in_one_line(text_file):
+def test_on_policy_with_a_cache_is_refused_in_one_line(text_file):
     base = lm_recipe(text_file, cache="auto")
-    for options, word in (({"on_policy": 0.5}, "on_policy"), ({"sequence_kd": True}, "sequence_kd")):
-        with pytest.raises(DistillError, match=f"teacher.cache replays .* task_options.{word}"):
-            load_recipe({**base, "task_options": options})
+    with pytest.raises(DistillError, match="teacher.cache replays .* task_options.on_policy"):
+        load_recipe({**base, "task_options": {"on_policy": 0.5}})
+
+
+def test_sequence_kd_caches_the_teachers_text_and_trains_as_the_live_run(text_file, tmp_path, monkeypatch):
+    """Sequence-level KD with `teacher.cache` (issue 16): the teacher writes every block's continuation
+    once into the cache (checksummed, fingerprinted with the sampling settings); a run reading it
+    never has the teacher write again and trains exactly the student the live run trains."""
+    from distill.pipeline import run_recipe
+    from distill.stage import make_cache, open_cache
+    from distill.tasks import causal_lm
+
+    sequence_kd = {"sequence_kd": True, "sequence_kd_prompt_tokens": 4}
+    recipe, task, prepared, model = lm_parts(text_file)
+    recipe = load_recipe({**recipe.model_dump(mode="json"), "task_options": sequence_kd,
+                          "distill": {"terms": [{"name": "ce", "loss": "token_ce"}]}})
+    path = make_cache(recipe, task, model, prepared, tmp_path / "text")
+    header = json.loads((path / "header.json").read_text())
+    assert header["format"] == "distill-teacher-sequences" and header["num_samples"] == len(prepared.train)
+    signal = open_cache(recipe, task, model, prepared, path)
+    live = causal_lm.TeacherSequences(model, prepared.train, 4, seed=recipe.data.seed)
+    live.write(torch.arange(len(prepared.train)))
+    assert torch.equal(signal.sequences.inputs, live.inputs) and torch.equal(signal.sequences.targets, live.targets)
+    # a cache is rebuilt in place (on 60ebf64 a token-level cache at the destination was "not a teacher cache")
+    assert make_cache(recipe, task, model, prepared, path) == path
+    tokens = make_cache(load_recipe(lm_recipe(text_file)), task, model, prepared, tmp_path / "tokens")
+    assert make_cache(load_recipe(lm_recipe(text_file)), task, model, prepared, tokens) == tokens
+    # other sampling settings, another text: refused, the part named
+    hotter = load_recipe({**recipe.model_dump(mode="json"), "task_options": {**sequence_kd, "temperature": 0.5}})
+    with pytest.raises(DistillError, match="extra settings differ"):
+        open_cache(hotter, task, model, prepared, path)
+
+    # end to end: the live run, then the same recipe with `teacher.cache: auto`
+    writes = {"n": 0}
+    original = causal_lm.sequence_kd_dataset
+
+    def counted(*args, **kwargs):
+        writes["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(causal_lm, "sequence_kd_dataset", counted)
+    data = {**lm_recipe(text_file), "task_options": sequence_kd, "distill": {"terms": [{"name": "ce", "loss": "token_ce"}]}}
+    live_run = run_recipe(load_recipe(data), tmp_path / "live", progress=False)
+    data["teacher"] = {**data["teacher"], "cache": "auto"}
+    built = writes["n"]
+    cached_run = run_recipe(load_recipe(data), tmp_path / "cached", progress=False)
+    written_by_cache = writes["n"] - built
+    assert written_by_cache == built  # the cache's build wrote the text once; training wrote nothing more
+    assert (tmp_path / "cached" / "teacher-cache" / "header.json").is_file()
+    assert cached_run.student.metric("perplexity") == live_run.student.metric("perplexity")
 
 
 # ------------------------------------------------------------------------------ text classification

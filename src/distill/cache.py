@@ -52,6 +52,9 @@ from distill.signals import Batch, Feed, LiveTeacher, default_feed
 from distill.taps import LOGITS
 
 FORMAT = "distill-teacher-cache"
+# every cache a build may replace: this module's, and distill.token_cache's (examples and tokens;
+# teacher-written sequences)
+CACHE_FORMATS = (FORMAT, "distill-token-cache", "distill-teacher-sequences")
 VERSION = 1
 HEADER = "header.json"
 _STORE = {"fp16": np.float16, "fp32": np.float32}
@@ -207,7 +210,7 @@ def _is_cache(path: Path) -> bool:
         header = json.loads((path / HEADER).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(header, dict) and header.get("format") == FORMAT
+    return isinstance(header, dict) and header.get("format") in CACHE_FORMATS
 
 
 def _check_destination(path: Path) -> None:

@@ -115,10 +115,17 @@ def cache_loader(recipe, task, prepared):
 
 def make_cache(recipe, task, teacher: nn.Module, prepared, path: str | Path) -> Path:
     """Run ``teacher`` once over the training set (every replayed view, or every example and token)
-    and store its outputs: :mod:`distill.cache` for image samples, :mod:`distill.token_cache` for text."""
+    and store its outputs: :mod:`distill.cache` for image samples, :mod:`distill.token_cache` for text
+    (or, for sequence-level KD, the text the teacher writes)."""
     if not task.supports_cache:
         raise DistillError(f"a teacher cache is not available for task '{task.name}'; use the live teacher")
-    if task.teacher_cache == "tokens":
+    kind = task.cache_kind(recipe)
+    if kind == "sequences":
+        from distill.token_cache import build_sequence_cache
+
+        inputs, targets = task.cache_sequences(recipe, prepared, teacher)
+        return build_sequence_cache(inputs, targets, path, fingerprint=_token_fingerprint(recipe, task, teacher, prepared))
+    if kind == "tokens":
         from distill.token_cache import build_token_cache
 
         batch_size = stage_schedule(recipe, recipe.distill).batch_size
@@ -141,7 +148,7 @@ def _token_fingerprint(recipe, task, teacher: nn.Module, prepared) -> dict:
 
     parts = task.cache_fingerprint(recipe, prepared, teacher)
     return token_fingerprint(teacher, data=parts["data"], tokenizer=parts["tokenizer"], vocab=parts["vocab"],
-                             samples=task.cache_size(prepared))
+                             samples=task.cache_size(prepared), extra=parts.get("extra"))
 
 
 def open_cache(recipe, task, teacher: nn.Module, prepared, path: str | Path):
@@ -149,7 +156,13 @@ def open_cache(recipe, task, teacher: nn.Module, prepared, path: str | Path):
     (and, for text, this tokenizer and vocabulary)."""
     if not Path(path).exists():
         raise DistillError(f"teacher cache {path} does not exist; build it with `distill cache RECIPE --out {path}`")
-    if task.teacher_cache == "tokens":
+    kind = task.cache_kind(recipe)
+    if kind == "sequences":
+        from distill.token_cache import SequenceCache, TeacherText
+
+        stored = SequenceCache(path, expect_fingerprint=_token_fingerprint(recipe, task, teacher, prepared))
+        return TeacherText(live_signal(recipe, task, teacher), stored)
+    if kind == "tokens":
         from distill.token_cache import TokenCache
 
         return TokenCache(path, token_mask=task.cache_token_mask(teacher),

@@ -144,6 +144,46 @@ def _top_k(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 @torch.no_grad()
+def _check_fingerprint(path: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:
+    keys = list(_PARTS) + sorted((set(stored) | set(expected)) - set(_PARTS) - {"about"})
+    differ = [key for key in keys if stored.get(key) != expected.get(key)]
+    if not differ:
+        return
+    details = []
+    was, now = stored.get("about", {}), expected.get("about", {})
+    for key in ("samples", "vocab"):
+        if was.get(key) != now.get(key):
+            details.append(f"{key}: {was.get(key)} -> {now.get(key)}")
+    detail = f" ({'; '.join(details)})" if details else ""
+    raise DistillError(
+        f"teacher cache {path} was made for something else: its "
+        f"{' and '.join(_PARTS.get(k, k) for k in differ)} differ from this run's{detail}; {_REBUILD_HINT}"
+    )
+
+
+def _load_header(path: Path, kind: str, required: Sequence[str]) -> dict[str, Any]:
+    """``header.json`` of the cache at ``path``, refused unless it is of format ``kind``, this
+    version, and holds the ``required`` keys."""
+    if not path.is_dir():
+        raise DistillError(f"teacher cache {path} does not exist; build it with `distill cache`")
+    try:
+        header = json.loads((path / HEADER).read_text())
+    except FileNotFoundError:
+        raise DistillError(f"{path} is not a teacher cache (it has no {HEADER}); build one with `distill cache`") from None
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"{HEADER} of teacher cache {path} is unreadable ({exc}); {_REBUILD_HINT}") from None
+    if not isinstance(header, dict) or header.get("format") != kind:
+        found = header.get("format") if isinstance(header, dict) else None
+        what = "token-level teacher cache" if kind == FORMAT else "cache of teacher-written sequences"
+        raise DistillError(f"{path} is not a {what} ({HEADER} says format {found!r}); {_REBUILD_HINT}")
+    if header.get("version") != VERSION:
+        raise DistillError(f"teacher cache {path} has format version {header.get('version')}, this distill "
+                           f"reads version {VERSION}; {_REBUILD_HINT}")
+    if any(key not in header for key in required):
+        raise DistillError(f"{HEADER} of teacher cache {path} is incomplete; {_REBUILD_HINT}")
+    return header
+
+
 def build_token_cache(
     teacher: nn.Module,
     batches: Callable[[], Iterable[Batch]],
@@ -371,24 +411,9 @@ class TokenCache:
 
     def _read_header(self) -> dict[str, Any]:
         path = self.path
-        if not path.is_dir():
-            raise DistillError(f"teacher cache {path} does not exist; build it with `distill cache`")
-        try:
-            header = json.loads((path / HEADER).read_text())
-        except FileNotFoundError:
-            raise DistillError(f"{path} is not a teacher cache (it has no {HEADER}); build one with `distill cache`") from None
-        except (OSError, ValueError) as exc:
-            raise DistillError(f"{HEADER} of teacher cache {path} is unreadable ({exc}); {_REBUILD_HINT}") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            kind = header.get("format") if isinstance(header, dict) else None
-            raise DistillError(f"{path} is not a token-level teacher cache ({HEADER} says format {kind!r}); "
-                               f"{_REBUILD_HINT}")
-        if header.get("version") != VERSION:
-            raise DistillError(f"teacher cache {path} has format version {header.get('version')}, this distill "
-                               f"reads version {VERSION}; {_REBUILD_HINT}")
-        required = ("num_samples", "tokens", "topk", "dtype", "outputs", "arrays", "fingerprint")
-        missing = [key for key in required if key not in header]
-        if missing or LOGITS not in header.get("outputs", {}) or "offsets" not in header.get("arrays", {}):
+        header = _load_header(path, FORMAT, ("num_samples", "tokens", "topk", "dtype", "outputs", "arrays",
+                                             "fingerprint"))
+        if LOGITS not in header["outputs"] or "offsets" not in header["arrays"]:
             raise DistillError(f"{HEADER} of teacher cache {path} is incomplete; {_REBUILD_HINT}")
         for entry in header["outputs"].values():
             parts = ("topk_values", "topk_indices", "tail") if entry["storage"] == "topk" else ("values",)
@@ -400,21 +425,7 @@ class TokenCache:
     def check_fingerprint(self, expected: dict[str, Any]) -> None:
         """Raise unless ``expected`` (from :func:`token_fingerprint`) equals the stored fingerprint,
         naming the parts that differ (teacher weights, data, tokenizer, vocabulary)."""
-        stored = self.fingerprint
-        keys = list(_PARTS) + sorted((set(stored) | set(expected)) - set(_PARTS) - {"about"})
-        differ = [key for key in keys if stored.get(key) != expected.get(key)]
-        if not differ:
-            return
-        details = []
-        was, now = stored.get("about", {}), expected.get("about", {})
-        for key in ("samples", "vocab"):
-            if was.get(key) != now.get(key):
-                details.append(f"{key}: {was.get(key)} -> {now.get(key)}")
-        detail = f" ({'; '.join(details)})" if details else ""
-        raise DistillError(
-            f"teacher cache {self.path} was made for something else: its "
-            f"{' and '.join(_PARTS.get(k, k) for k in differ)} differ from this run's{detail}; {_REBUILD_HINT}"
-        )
+        _check_fingerprint(self.path, self.fingerprint, expected)
 
     # -- the TeacherSignal protocol --------------------------------------------------------
     def validate_taps(self, taps: Sequence[str]) -> None:
@@ -482,3 +493,78 @@ class TokenCache:
         placed = values.new_zeros(*real.shape, *shape)
         placed[real] = values
         return placed
+
+
+# ------------------------------------------------------------------------------ teacher-written text
+SEQUENCES_FORMAT = "distill-teacher-sequences"
+
+
+def build_sequence_cache(inputs: torch.Tensor, targets: torch.Tensor, path: str | Path, *,
+                         fingerprint: dict[str, Any]) -> Path:
+    """Store the blocks a teacher wrote for sequence-level KD: token ids ``inputs`` and ``targets``
+    (``[N, T]``, kept as int32), with the fingerprint of the teacher, data, tokenizer and sampling
+    settings (``token_fingerprint(..., extra=...)``). Built aside, each array's SHA-256 in
+    ``header.json``, moved into place when complete (an older cache there is replaced)."""
+    path = Path(path)
+    if inputs.dim() != 2 or inputs.shape != targets.shape:
+        raise DistillError(f"teacher-written sequences must be two [N, T] tensors of token ids, got "
+                           f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
+    if inputs.numel() and max(int(inputs.max()), int(targets.max())) >= 2**31:
+        raise DistillError("token ids beyond int32 cannot be stored in a sequence cache")
+    _check_destination(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    writers: dict[str, _ArrayWriter] = {}
+    try:
+        for name, values in (("inputs", inputs), ("targets", targets)):
+            writers[name] = _ArrayWriter(tmp, name, tuple(values.shape), np.int32)
+            writers[name].array[:] = values.detach().cpu().numpy().astype(np.int32)
+        arrays = {name: writer.close() for name, writer in writers.items()}
+        header = {"format": SEQUENCES_FORMAT, "version": VERSION, "num_samples": int(inputs.shape[0]),
+                  "arrays": arrays, "fingerprint": fingerprint}
+        _seal(tmp, path, header)
+    except BaseException:
+        _discard(tmp, writers)
+        raise
+    return path
+
+
+class SequenceCache:
+    """Blocks a teacher wrote, read back from :func:`build_sequence_cache`'s folder: ``inputs`` and
+    ``targets`` (int64 ``[N, T]``). Opening compares ``expect_fingerprint`` (the differing parts named)
+    and, when ``verify``, every array's SHA-256."""
+
+    def __init__(self, path: str | Path, *, expect_fingerprint: dict | None = None, verify: bool = True) -> None:
+        self.path = Path(path)
+        self.header = _load_header(self.path, SEQUENCES_FORMAT, ("num_samples", "arrays", "fingerprint"))
+        if expect_fingerprint is not None:
+            _check_fingerprint(self.path, self.header["fingerprint"], expect_fingerprint)
+        arrays = self.header["arrays"]
+        if set(arrays) != {"inputs", "targets"}:
+            raise DistillError(f"{HEADER} of teacher cache {self.path} is incomplete; {_REBUILD_HINT}")
+        self.inputs, self.targets = (torch.from_numpy(np.array(open_array(self.path, arrays[name], verify))).long()
+                                     for name in ("inputs", "targets"))
+        if len(self.inputs) != self.header["num_samples"]:
+            raise DistillError(f"teacher cache {self.path} holds {len(self.inputs)} sequences, its {HEADER} says "
+                               f"{self.header['num_samples']}; {_REBUILD_HINT}")
+
+    def __repr__(self) -> str:
+        return f"SequenceCache({str(self.path)!r}, sequences={tuple(self.inputs.shape)})"
+
+
+class TeacherText:
+    """A teacher signal for sequence-level KD from a cache: the live teacher (it scores the text it
+    wrote, for terms that read it) and ``sequences``, the text it wrote once (a :class:`SequenceCache`);
+    the task's batch transform trains on that text instead of having the teacher write it again."""
+
+    def __init__(self, live: LiveTeacher, sequences: SequenceCache) -> None:
+        self.live = live
+        self.model = live.model
+        self.sequences = sequences
+
+    def validate_taps(self, taps: Sequence[str]) -> None:
+        self.live.validate_taps(taps)
+
+    def outputs(self, batch: Batch, taps: Sequence[str] = ()) -> dict[str, Any]:
+        return self.live.outputs(batch, taps)

@@ -72,6 +72,16 @@ class Task:
     def supports_cache(self) -> bool:
         return self.teacher_cache is not None
 
+    def cache_kind(self, recipe) -> str | None:
+        """The cache ``teacher.cache`` builds and reads for ``recipe``: :attr:`teacher_cache`, or
+        ``"sequences"`` where the recipe trains on text the teacher writes (:meth:`cache_sequences`)."""
+        return self.teacher_cache
+
+    def cache_sequences(self, recipe, prepared, teacher: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text the teacher writes for ``recipe`` (``cache_kind == "sequences"``): token ids
+        ``inputs`` and ``targets`` ``[N, T]``, one row per training example."""
+        raise NotImplementedError
+
     # -- token caches (teacher_cache = "tokens") ----------------------------------------------
     def cache_size(self, prepared) -> int:
         """How many examples a token cache of the training set holds: the range of the batches'

@@ -379,6 +379,15 @@ class TeacherSequences:
             self.inputs[rows], self.targets[rows] = part.inputs, part.targets
             self.written[c] = True
 
+    def load(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Take the whole text from a cache (:meth:`write` then has nothing left to write)."""
+        if tuple(inputs.shape) != tuple(self.inputs.shape) or tuple(targets.shape) != tuple(self.targets.shape):
+            raise DistillError(f"the cached teacher text holds {tuple(inputs.shape)} blocks, the training set "
+                               f"{tuple(self.inputs.shape)}; rebuild it with `distill cache`")
+        self.inputs.copy_(inputs)
+        self.targets.copy_(targets)
+        self.written[:] = True
+
     def __call__(self, batch: Batch, generator: torch.Generator) -> Batch:
         index = batch["index"].long().cpu()
         self.write(index)
@@ -478,10 +487,9 @@ class CausalLMTask(Task):
                     "on-policy batches (the student's own text) do not have; use teacher terms only "
                     "(token_fkl, token_rkl, token_gjsd, ...)"
                 )
-        if recipe.teacher.cache is not None and (lam or options.sequence_kd):
-            what = "on_policy (the student writes the text)" if lam else "sequence_kd (the teacher writes the text)"
-            raise DistillError(f"teacher.cache replays the teacher on the training blocks, but task_options.{what} "
-                               "trains on new text; drop teacher.cache")
+        if recipe.teacher.cache is not None and lam:
+            raise DistillError("teacher.cache replays the teacher on the training blocks, but task_options.on_policy "
+                               "(the student writes the text) trains on new text; drop teacher.cache")
         for role, spec in (("teacher", recipe.teacher), ("student", recipe.student),
                            *((f"assistants.{i}", a) for i, a in enumerate(recipe.assistants))):
             self._check_spec(spec, role)
@@ -553,7 +561,12 @@ class CausalLMTask(Task):
         if folder is not None:  # a BPE tokenizer: the digests of its files
             files = sorted(p for p in Path(folder).expanduser().iterdir() if p.is_file())
             tokenizer["files"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-        return {"data": data.digest(), "tokenizer": tokenizer, "vocab": prepared.vocab_size}
+        parts = {"data": data.digest(), "tokenizer": tokenizer, "vocab": prepared.vocab_size}
+        options = self.options(recipe)
+        if options.sequence_kd:  # the teacher's text also depends on how it was sampled
+            parts["extra"] = {"sequence_kd": {"prompt_tokens": options.sequence_kd_prompt_tokens,
+                                              "temperature": options.temperature, "seed": recipe.data.seed}}
+        return parts
 
     def tokenizer_of(self, model: nn.Module, prepared: PreparedLM):
         """GPT-2's BPE tokenizer (``transformers.GPT2TokenizerFast``) for data tokenised with it, saved
@@ -636,17 +649,34 @@ class CausalLMTask(Task):
         options = self.options(recipe)
         if options.sequence_kd:
             model = _teacher_model(teacher)
+            stored = getattr(teacher, "sequences", None)  # the text it wrote, from a cache (TeacherText)
             cache = self.__dict__.setdefault("_written", {})  # one teacher text per teacher and data
-            key = (id(model), id(prepared))
+            key = (id(model), id(prepared), id(stored))
             if key not in cache:
-                cache[key] = TeacherSequences(model, prepared.train, options.sequence_kd_prompt_tokens,
-                                              options.temperature, seed=recipe.data.seed,
-                                              vocab_size=prepared.vocab_size)
+                cache[key] = self._sequences(recipe, prepared, model)
+                if stored is not None:
+                    cache[key].load(stored.inputs, stored.targets)
             return cache[key]
         if options.on_policy:
             return OnPolicyTransform(student, lam=float(options.on_policy), max_new_tokens=options.new_tokens,
                                      temperature=options.temperature, vocab_size=prepared.vocab_size)
         return None
+
+
+    def cache_kind(self, recipe) -> str | None:
+        return "sequences" if self.options(recipe).sequence_kd else self.teacher_cache
+
+    def cache_sequences(self, recipe, prepared: PreparedLM, teacher: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every training block's continuation by the teacher, written as a run writes them (same
+        chunks and seeds), so a run reading them trains on the text it would have written itself."""
+        sequences = self._sequences(recipe, prepared, _teacher_model(teacher))
+        sequences.write(torch.arange(len(prepared.train)))
+        return sequences.inputs, sequences.targets
+
+    def _sequences(self, recipe, prepared: PreparedLM, model: nn.Module) -> TeacherSequences:
+        options = self.options(recipe)
+        return TeacherSequences(model, prepared.train, options.sequence_kd_prompt_tokens, options.temperature,
+                                seed=recipe.data.seed, vocab_size=prepared.vocab_size)
 
 
 class _LongIds(nn.Module):
