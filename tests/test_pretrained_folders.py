@@ -137,6 +137,16 @@ def test_a_distilled_hf_causal_lm_loads_back_with_the_auto_classes(tmp_path):
         expected = FinishedRun(run).student()(ids).logits
     assert loaded.shape == (len(ids), 16, 30) and len(ids) > 1
     torch.testing.assert_close(loaded, expected, rtol=0, atol=1e-6)
+    # `distill export` of the causal LM: parity on the test blocks themselves (token ids, not random inputs)
+    from distill.export import export_source, load_exported
+
+    finished = FinishedRun(run)
+    assert torch.equal(finished.example_inputs(3), ids[:3])
+    for fmt in ("onnx", "torchscript"):
+        result = export_source(finished, fmt)
+        assert result.parity.passed and result.parity.samples == len(ids)
+        runner = load_exported(fmt, result.path.read_bytes(), finished.fresh_student)
+        torch.testing.assert_close(runner(ids[:2]), expected[:2], rtol=1e-4, atol=1e-5)
 
 
 def test_save_pretrained_replaces_an_old_folder_whole_and_refuses_what_is_no_hf_model(tmp_path):

@@ -129,9 +129,22 @@ class Positional(nn.Module):
         return output_tensor(self.model(**dict(zip(self.names, args))))
 
 
+class LogitsOnly(nn.Module):
+    """``model`` with a Hugging Face output object (``.logits`` beside a key-value cache, which
+    tracing refuses) reduced to its logits; other outputs (a tensor, a dict of heads) pass as they are."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        out = self.model(x)
+        return out.logits if hasattr(out, "logits") else out
+
+
 def _traceable(model: nn.Module, example: Inputs) -> nn.Module:
-    """``model`` itself for one tensor input, else :class:`Positional` over the example's names."""
-    return Positional(model, list(example)).eval() if isinstance(example, dict) else model
+    """:class:`Positional` over the example's names for named inputs, else :class:`LogitsOnly`."""
+    return (Positional(model, list(example)) if isinstance(example, dict) else LogitsOnly(model)).eval()
 
 
 # ------------------------------------------------------------------------------ serialisers

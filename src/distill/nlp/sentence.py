@@ -139,9 +139,15 @@ class StaticEmbedding(nn.Module):
         ids = torch.as_tensor(input_ids).long()
         if attention_mask is not None:
             ids = ids.masked_fill(attention_mask == 0, self.padding_idx)
-        if self.skip_ids.numel():
-            ids = ids.masked_fill(torch.isin(ids, self.skip_ids), self.padding_idx)
-        pooled = self.pooled(self.embedding(ids))
+        if self.skip_ids.numel():  # a comparison with each special id (torch.isin has no ONNX export)
+            ids = ids.masked_fill((ids.unsqueeze(-1) == self.skip_ids).sum(-1) > 0, self.padding_idx)
+        if torch.onnx.is_in_onnx_export():  # EmbeddingBag with padding_idx has no ONNX form: the same mean
+            keep = (ids != self.padding_idx).unsqueeze(-1).to(self.embedding.weight.dtype)
+            total = (F.embedding(ids, self.embedding.weight) * keep).sum(1)
+            mean = total / keep.sum(1).clamp_min(1.0)
+        else:
+            mean = self.embedding(ids)
+        pooled = self.pooled(mean)
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     @classmethod

@@ -643,6 +643,10 @@ class CausalLMTask(Task):
     def latency_input(self, prepared: PreparedLM) -> torch.Tensor:
         return prepared.data.test.inputs[:1].long()
 
+    def example_inputs(self, prepared: PreparedLM, n: int) -> torch.Tensor:
+        """The first ``n`` test blocks, int64 token ids ``[n, T]`` (an export's parity check)."""
+        return prepared.data.test.inputs[:max(n, 1)].long()
+
     def batch_transform(self, recipe, prepared: PreparedLM, student: nn.Module, teacher):
         if teacher is None:
             return None

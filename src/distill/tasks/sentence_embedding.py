@@ -374,6 +374,14 @@ class SentenceEmbeddingTask(Task):
             metrics["agreement"] = float(cos.mean())
         return metrics
 
+    def example_inputs(self, prepared: PreparedSentences, n: int) -> dict[str, torch.Tensor]:
+        """The first ``n`` test sentences (pairs' first, then second sentences), tokenised as in
+        training: ``input_ids`` and ``attention_mask`` int64 ``[n, T]``, padded to the longest."""
+        sentences = (list(prepared.test.first) + list(prepared.test.second))[:max(n, 1)]
+        encoded = prepared.tokenizer(sentences, truncation=True, max_length=prepared.max_length, padding=True,
+                                     return_tensors="pt")
+        return {"input_ids": encoded["input_ids"].long(), "attention_mask": encoded["attention_mask"].long()}
+
     def latency_input(self, prepared: PreparedSentences) -> torch.Tensor:
         ids = prepared.tokenizer([prepared.test.first[0]], truncation=True, max_length=prepared.max_length,
                                  return_tensors="pt")["input_ids"]
