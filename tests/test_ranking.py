@@ -582,3 +582,22 @@ def test_ranking_task_for_recipes(tmp_path):
     not_ranking = SimpleNamespace(data=SimpleNamespace(name="digits", options={}))
     with pytest.raises(DistillError, match="no user-item interactions"):
         task.prepare(not_ranking, tmp_path)
+
+
+def test_ranking_options_are_task_options_typed_and_still_read_from_data_options():
+    """The task's settings are typed task_options (issue 14); recipes that gave them in data.options
+    keep working, and giving one in both places is refused in one line."""
+    from distill.recipes import load_recipe
+    from distill.tasks.base import get_task
+
+    task = get_task("ranking")
+    recipe = load_recipe("ml-100k")
+    assert task.options(recipe) == R.RankingOptions(negatives=20)
+    legacy = load_recipe("ml-100k", ["task_options={}", "data.options.negatives=7", "data.options.eval_seed=3"])
+    assert (task.options(legacy).negatives, task.options(legacy).eval_seed) == (7, 3)
+    with pytest.raises(DistillError, match="negatives given in both data.options and task_options"):
+        load_recipe("ml-100k", ["data.options.negatives=7"])
+    with pytest.raises(DistillError, match="task_options.negatives: input should be greater than or equal to 1"):
+        load_recipe("ml-100k", ["task_options.negatives=0"])
+    with pytest.raises(DistillError, match="ranking has no option negative; accepted: negatives, eval_negatives"):
+        load_recipe("ml-100k", ["task_options.negative=3"])

@@ -212,7 +212,7 @@ def test_export_and_profile_of_a_ranking_run_go_through_its_task(tmp_path, capsy
     from safetensors.torch import load_file
 
     data = ranking_recipe(tmp_path)
-    data["data"]["options"]["negatives"] = 3
+    data["task_options"] = {"negatives": 3}
     run_recipe(load_recipe(data), tmp_path / "run", progress=False)
     out = tmp_path / "student.safetensors"
     assert main(["export", str(tmp_path / "run"), "--format", "safetensors", "--out", str(out)]) == 0

@@ -393,10 +393,21 @@ def train_ranker(
 
 
 # -- the task, for recipes (``task: ranking``) --------------------------------------------------
-from distill.tasks.base import TASKS, Task  # noqa: E402
+from pydantic import Field  # noqa: E402
 
-# options a ranking recipe may give in ``data.options`` besides the data set's own
-_TASK_OPTIONS = {"negatives": 4, "eval_negatives": EVAL_NEGATIVES, "eval_seed": 0}
+from distill.tasks.base import TASKS, Task, TaskOptions, parse_options  # noqa: E402
+
+
+class RankingOptions(TaskOptions):
+    """``task_options`` of ranking."""
+
+    negatives: int = Field(4, ge=1)  # sampled negatives per training positive
+    eval_negatives: int = Field(EVAL_NEGATIVES, ge=1)  # sampled negatives per user at evaluation, fixed
+    eval_seed: int = 0  # the seed that draws them
+
+
+# before 2026-12: the task's options were given in data.options; still read there (not both places)
+_LEGACY = tuple(RankingOptions.model_fields)
 
 
 @dataclass
@@ -415,8 +426,9 @@ class PreparedRanking:
 class RankingTask(Task):
     """Implicit-feedback recommendation: candidate lists in, HR@10 / NDCG@10 out.
 
-    Data options (``data.options``) besides the data set's own: ``negatives`` (sampled negatives
-    per training positive, default 4), ``eval_negatives`` (100) and ``eval_seed`` (0). Models come
+    Task options (``task_options``): ``negatives`` (sampled negatives per training positive,
+    default 4), ``eval_negatives`` (100) and ``eval_seed`` (0); recipes written before they moved
+    there may still give them in ``data.options``. Models come
     from :mod:`distill.models.ranking` (``model: mf``, ``kwargs: {dim: 8}``). The primary metric
     is NDCG@10 against the sampled negatives; ``hr10``, ``hr10_full``, ``ndcg10_full`` and, for
     students, ``top10_overlap`` with the teacher come with it. Training lists hold no teacher
@@ -428,22 +440,32 @@ class RankingTask(Task):
     primary_metric = "ndcg10"
     teacher_cache = None
     feed = staticmethod(feed)
+    Options = RankingOptions
+
+    def options(self, recipe) -> RankingOptions:
+        given = dict(getattr(recipe, "task_options", None) or {})
+        legacy = {k: recipe.data.options[k] for k in _LEGACY if k in recipe.data.options}
+        both = sorted(set(legacy) & set(given))
+        if both:
+            raise DistillError(f"ranking: {', '.join(both)} given in both data.options and task_options; "
+                               "keep task_options")
+        return parse_options(RankingOptions, {**legacy, **given}, self.name)
 
     def prepare(self, recipe, data_dir) -> PreparedRanking:
         from distill.data import load_dataset
 
-        options = dict(recipe.data.options)
-        task_options = {k: options.pop(k, default) for k, default in _TASK_OPTIONS.items()}
+        task_options = self.options(recipe)
+        options = {k: v for k, v in recipe.data.options.items() if k not in _LEGACY}
         data = load_dataset(recipe.data.name, data_dir, **options)
         interactions = data.extra.get("interactions")
         if not isinstance(interactions, Interactions):
             raise DistillError(
                 f"data set '{recipe.data.name}' holds no user-item interactions; task 'ranking' needs one such as ml-100k"
             )
-        negatives = sample_eval_negatives(interactions, int(task_options["eval_negatives"]), int(task_options["eval_seed"]))
+        negatives = sample_eval_negatives(interactions, task_options.eval_negatives, task_options.eval_seed)
         return PreparedRanking(
             data=data, interactions=interactions, negatives=negatives,
-            train_negatives=int(task_options["negatives"]), train=data.train,
+            train_negatives=task_options.negatives, train=data.train,
             val_loader=data.extra.get("validation"),
         )
 
