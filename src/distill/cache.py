@@ -428,6 +428,26 @@ def open_array(folder: Path, entry: dict[str, Any], verify: bool) -> np.ndarray:
     return array
 
 
+def read_header(path: Path, kind: str, version: int, what: str) -> dict[str, Any]:
+    """``header.json`` of the cache folder ``path``, refused (in words naming ``what`` it should be)
+    unless it is readable, of format ``kind`` and of ``version``."""
+    try:
+        header = json.loads((path / HEADER).read_text())
+    except FileNotFoundError:
+        raise DistillError(f"{path} is not a teacher cache (it has no {HEADER}); build one with `distill cache`") from None
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"{HEADER} of teacher cache {path} is unreadable ({exc}); {_REBUILD_HINT}") from None
+    if not isinstance(header, dict) or header.get("format") != kind:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise DistillError(f"{path} is not a {what} ({HEADER} is of another format: {found!r}); {_REBUILD_HINT}")
+    if header.get("version") != version:
+        raise DistillError(
+            f"teacher cache {path} has format version {header.get('version')}, this distill reads "
+            f"version {version}; {_REBUILD_HINT}"
+        )
+    return header
+
+
 def _unfinished_builds(path: Path) -> list[Path]:
     if not path.parent.is_dir():
         return []
@@ -505,19 +525,7 @@ class TeacherCache:
                 f" (found {unfinished[0].name}, an interrupted build)" if unfinished else ""
             )
             raise DistillError(f"teacher cache {path} does not exist{hint}; build it with `distill cache`")
-        try:
-            header = json.loads((path / HEADER).read_text())
-        except FileNotFoundError:
-            raise DistillError(f"{path} is not a teacher cache (it has no {HEADER}); build one with `distill cache`") from None
-        except (OSError, ValueError) as exc:
-            raise DistillError(f"{HEADER} of teacher cache {path} is unreadable ({exc}); {_REBUILD_HINT}") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise DistillError(f"{path} is not a teacher cache ({HEADER} is of another format); build one with `distill cache`")
-        if header.get("version") != VERSION:
-            raise DistillError(
-                f"teacher cache {path} has format version {header.get('version')}, this distill reads "
-                f"version {VERSION}; {_REBUILD_HINT}"
-            )
+        header = read_header(path, FORMAT, VERSION, "teacher cache")
         required = ("num_samples", "views", "classes", "logits_shape", "topk", "dtype", "taps", "arrays", "fingerprint")
         missing = [key for key in required if key not in header]
         if missing:

@@ -59,6 +59,7 @@ from distill.cache import (
     _seal,
     _to_store,
     open_array,
+    read_header,
     rebuild_logits,
     teacher_digest,
 )
@@ -166,19 +167,8 @@ def _load_header(path: Path, kind: str, required: Sequence[str]) -> dict[str, An
     version, and holds the ``required`` keys."""
     if not path.is_dir():
         raise DistillError(f"teacher cache {path} does not exist; build it with `distill cache`")
-    try:
-        header = json.loads((path / HEADER).read_text())
-    except FileNotFoundError:
-        raise DistillError(f"{path} is not a teacher cache (it has no {HEADER}); build one with `distill cache`") from None
-    except (OSError, ValueError) as exc:
-        raise DistillError(f"{HEADER} of teacher cache {path} is unreadable ({exc}); {_REBUILD_HINT}") from None
-    if not isinstance(header, dict) or header.get("format") != kind:
-        found = header.get("format") if isinstance(header, dict) else None
-        what = "token-level teacher cache" if kind == FORMAT else "cache of teacher-written sequences"
-        raise DistillError(f"{path} is not a {what} ({HEADER} says format {found!r}); {_REBUILD_HINT}")
-    if header.get("version") != VERSION:
-        raise DistillError(f"teacher cache {path} has format version {header.get('version')}, this distill "
-                           f"reads version {VERSION}; {_REBUILD_HINT}")
+    what = "token-level teacher cache" if kind == FORMAT else "cache of teacher-written sequences"
+    header = read_header(path, kind, VERSION, what)
     if any(key not in header for key in required):
         raise DistillError(f"{HEADER} of teacher cache {path} is incomplete; {_REBUILD_HINT}")
     return header
