@@ -287,3 +287,84 @@ def test_bad_arguments_say_what_is_wrong():
         fused_token_fkl(student, "teacher", vocab_size=V)
     with pytest.raises(ValueError, match="beta must be in"):
         fused_token_gjsd(student, teacher, beta=2.0, vocab_size=V)
+
+
+# ------------------------------------------------------------------------------ in a recipe
+SHAKESPEARE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+               "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n") * 3
+
+
+def _lm_recipe(path, *, fused: bool, student: dict, terms: list[dict], cache=None) -> dict:
+    fast = {"epochs": 1, "batch_size": 4, "optimizer": "adam", "lr": 0.003}
+    return {
+        "name": "lm", "task": "causal-lm", "seeds": [0], "threads": 1,
+        "data": {"name": "text", "options": {"path": str(path), "block_size": 16}},
+        "teacher": {"model": "gpt", "kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 16}, "train": fast,
+                    "gate": {"enabled": False}, **({"cache": cache, "cache_topk": 8} if cache else {})},
+        "student": student, "train": fast, "task_options": {"fused_head": fused},
+        "baseline": {"terms": [{"name": "ce", "loss": "token_ce"}]},
+        "distill": {"terms": terms}, "evaluate": {"latency": False},
+    }
+
+
+@pytest.mark.parametrize("student, terms, cache", [
+    ({"model": "gpt", "kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 8}},
+     [{"name": "ce", "loss": "token_ce", "weight": 0.5}, {"name": "kd", "loss": "token_gjsd", "weight": 0.5}], None),
+    ({"model": "gpt", "kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 8}},
+     [{"name": "kd", "loss": "token_fkl"}], "auto"),
+    ({"model": "hf", "kwargs": {"config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8,
+                                           "n_positions": 16}}},
+     [{"name": "kd", "loss": "token_fkl"}], None),
+], ids=["gpt-live-ce-gjsd", "gpt-cached-topk", "hf-gpt2-live"])
+def test_fused_head_in_a_recipe_trains_the_same_students_without_building_the_logits(tmp_path, student, terms, cache):
+    """`task_options.fused_head` (issue 16): training stages feed the models up to their output layers
+    and every token term runs its fused form; the students equal those of the plain run (to fp32
+    rounding), and no output layer builds [B, T, V] logits while a model trains or teaches."""
+    from distill.pipeline import run_recipe
+    from distill.recipes import load_recipe
+
+    path = tmp_path / "input.txt"
+    path.write_text(SHAKESPEARE)
+    built: list[tuple[bool, int]] = []
+    original = torch.nn.Linear.__call__
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[-1] == len(set(SHAKESPEARE)):  # logits
+            built.append((torch.is_grad_enabled(), out.shape[-1]))
+        return out
+
+    results, untrained = {}, {}
+    for fused in (False, True):
+        built.clear()
+        torch.nn.Linear.__call__ = spy
+        try:
+            results[fused] = run_recipe(load_recipe(_lm_recipe(path, fused=fused, student=student, terms=terms,
+                                                               cache=cache)),
+                                        tmp_path / f"fused-{fused}", progress=False)
+        finally:
+            torch.nn.Linear.__call__ = original
+        trained_with_logits = [b for b in built if b[0]]  # logits built with gradients on: a training step
+        untrained[fused] = len(built) - len(trained_with_logits)  # evaluation, and a live teacher's steps
+        if fused:
+            assert not trained_with_logits
+        else:
+            assert trained_with_logits
+    if cache is None:  # the live teacher gave its head, not its logits, at every training step
+        assert untrained[True] < untrained[False]
+    for role in ("baseline", "student"):
+        plain, fused_ = getattr(results[False], role), getattr(results[True], role)
+        assert fused_.metric("perplexity") == pytest.approx(plain.metric("perplexity"), rel=1e-4)
+
+
+def test_a_term_that_needs_logits_is_refused_with_fused_heads(tmp_path):
+    from distill import DistillError
+    from distill.pipeline import run_recipe
+    from distill.recipes import load_recipe
+
+    path = tmp_path / "input.txt"
+    path.write_text(SHAKESPEARE)
+    data = _lm_recipe(path, fused=True, student={"model": "gpt", "kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 8}},
+                      terms=[{"name": "kd", "loss": "kd"}])
+    with pytest.raises(DistillError, match=r"term 'kd' \(kd\) reads logits, but the models give their output heads"):
+        run_recipe(load_recipe(data), tmp_path / "run", progress=False)

@@ -24,8 +24,9 @@ from torch import nn
 from distill.adapters import make_adapter
 from distill.errors import DistillError
 from distill.losses import get_loss
+from distill.losses.registry import FUSED
 from distill.signals import Batch, Feed, LiveTeacher, TeacherSignal, default_feed
-from distill.taps import LOGITS, Taps
+from distill.taps import LOGITS, Head, Taps
 
 
 @dataclass
@@ -96,7 +97,10 @@ def _pick(outputs: dict[str, torch.Tensor], value: str | list[str]):
 
 
 def _output_shape(value) -> tuple[int, ...]:
-    """A teacher output's shape; a top-k teacher (log-probabilities, indices, tail) by its log-probabilities'."""
+    """An output's shape; a top-k teacher (log-probabilities, indices, tail) by its log-probabilities';
+    an output head by the logits it stands for."""
+    if isinstance(value, Head):
+        return (*value.hidden.shape[:-1], value.weight.shape[0])
     return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value[0].shape)
 
 
@@ -263,8 +267,16 @@ class Distiller(nn.Module):
         for term in self.terms:
             spec = self.specs[term.name]
             fn = self.loss_modules[term.name] if spec.module else spec.fn
+            args = self._inputs(term, student, teacher, batch)
+            if any(isinstance(a, Head) for a in args):  # the models stopped before their output layers
+                fn = FUSED.get(term.loss)
+                if fn is None or spec.module:
+                    raise DistillError(
+                        f"term '{term.name}' ({term.loss}) reads logits, but the models give their output heads "
+                        f"(fused_head); only the token losses take heads: {', '.join(sorted(FUSED))}"
+                    )
             try:
-                value = fn(*self._inputs(term, student, teacher, batch), **({} if spec.module else term.params))
+                value = fn(*args, **({} if spec.module else term.params))
             except (ValueError, TypeError, IndexError) as exc:  # shapes, parameter types, label ranges
                 raise DistillError(f"term '{term.name}' ({term.loss}): {exc}") from None
             parts[term.name] = value
@@ -278,7 +290,8 @@ class Distiller(nn.Module):
         student = self.student_taps.run(self.feed, self.student, batch)
         teacher = self._teacher_outputs(batch)
         described = {}
-        device = student[LOGITS].device
+        logits = student[LOGITS]
+        device = (logits.hidden if isinstance(logits, Head) else logits).device
         for term in self.terms:
             spec = self.specs[term.name]
             if spec.module and term.name not in self.loss_modules:
@@ -352,7 +365,7 @@ class Distiller(nn.Module):
             p.grad = None
         self.train(was_training)
         return DryRunReport(
-            student_taps={k: tuple(v.shape) for k, v in out.student.items()},
+            student_taps={k: _output_shape(v) for k, v in out.student.items()},
             teacher_taps={k: _output_shape(v) for k, v in out.teacher.items()},
             adapters=adapters,
             terms=values,

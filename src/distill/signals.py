@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.taps import Taps
+from distill.taps import Head, Taps
 
 Batch = dict[str, Any]
 Feed = Callable[[nn.Module, Batch], Any]
@@ -61,6 +61,15 @@ class TeacherSignal(Protocol):
     def outputs(self, batch: Batch, taps: Sequence[str]) -> dict[str, torch.Tensor]: ...
 
     def validate_taps(self, taps: Sequence[str]) -> None: ...
+
+
+def _detached(value, device: torch.device):
+    """A teacher output without its graph, in fp32 on ``device`` (an output head: its hidden states
+    so, its layer's weight and bias detached, in their own dtype: the fused losses read them in fp32)."""
+    if isinstance(value, Head):
+        return Head(value.hidden.detach().to(device, torch.float32), value.weight.detach().to(device),
+                    None if value.bias is None else value.bias.detach().to(device))
+    return value.detach().to(device, torch.float32)
 
 
 class LiveTeacher:
@@ -117,4 +126,4 @@ class LiveTeacher:
         dtype = self.dtype if self.dtype != torch.float32 else None
         fed = move_batch(batch, device, dtype)
         captured = self._get_taps(taps).run(self.feed, self.model, fed)
-        return {k: v.detach().to(out_device, torch.float32) for k, v in captured.items()}
+        return {k: _detached(v, out_device) for k, v in captured.items()}

@@ -176,7 +176,8 @@ def live_signal(recipe, task, teacher: nn.Module):
     """The teacher run live on each batch, at the recipe's precision and device."""
     from distill.signals import LiveTeacher
 
-    return LiveTeacher(teacher, precision=recipe.teacher.precision, device=recipe.teacher.device, feed=task.feed)
+    return LiveTeacher(teacher, precision=recipe.teacher.precision, device=recipe.teacher.device,
+                       feed=task.training_feed(recipe))
 
 
 def check_signal(recipe, task, teacher: nn.Module, prepared):
@@ -289,7 +290,7 @@ def build_stage(
             return task.evaluate(model, prepared, None, split="val")
 
     return assemble_stage(
-        name, student, teacher, terms_from(spec), feed=task.feed,
+        name, student, teacher, terms_from(spec), feed=task.training_feed(recipe),
         loader=loader,
         config=train_config(plan, seed, progress, task.primary_metric),
         transforms=(*stage_transforms(recipe, spec), task.batch_transform(recipe, prepared, student, teacher)),

@@ -13,7 +13,7 @@ output (``fc:input`` is the pre-logit feature of most classifiers). The special 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +21,20 @@ from torch import nn
 from distill.errors import DistillError, nearest
 
 LOGITS = "logits"
+
+
+class Head(NamedTuple):
+    """A model's final hidden states and its output layer: its logits are ``hidden @ weight.T + bias``.
+
+    ``hidden``: ``[B, T, H]`` (any leading shape ``[..., H]``); ``weight``: ``[V, H]`` (rows beyond the
+    real vocabulary allowed); ``bias``: ``[V]`` or ``None``. A model fed so that it stops before its
+    output layer (a causal LM's ``task_options.fused_head``) gives this as its ``logits``, and the
+    token losses then compute the logits chunk by chunk (:mod:`distill.losses.fused_head`).
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
 
 
 def parse_tap(path: str) -> tuple[str, str]:
@@ -62,8 +76,11 @@ def _first_tensor(value: Any) -> torch.Tensor:
     raise DistillError(f"tap captured a {type(value).__name__}, not a tensor")
 
 
-def output_tensor(value: Any) -> torch.Tensor:
-    """The logits of a model output: a tensor, a tuple's first tensor, or ``.logits``."""
+def output_tensor(value: Any) -> torch.Tensor | Head:
+    """The logits of a model output: a tensor, a tuple's first tensor, or ``.logits`` (a
+    :class:`Head` passes as it is: the logits it stands for are never built)."""
+    if isinstance(value, Head):
+        return value
     if hasattr(value, "logits") and isinstance(value.logits, torch.Tensor):
         return value.logits
     return _first_tensor(value)

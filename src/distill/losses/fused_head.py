@@ -37,8 +37,10 @@ states. Larger chunks make fewer, faster matrix products. Measured by
 :class:`~distill.losses.token_divergences.TopK` (e.g. from a top-k cache; temperature 1), or dense
 logits ``[B, T, V_t]``. A plain 3-tuple means a top-k teacher, so a teacher head must be a ``Head``.
 
-These are functions for the Python API; the objective does not feed them (a term's inputs are
-tensors captured by taps, and a head's weight is not one).
+In a recipe, ``task_options.fused_head: true`` (causal LMs) feeds the models so that they stop
+before their output layer and give a :class:`Head` as their logits; every ``token_*`` term then
+runs its fused form here (each is registered as the fused form of its token loss), so a run never
+builds either model's ``[tokens, vocab]`` logits in training.
 
     from distill.losses.fused_head import Head, fused_token_gjsd
     loss = fused_token_gjsd(Head(student_hidden, student.lm_head.weight),
@@ -48,11 +50,11 @@ tensors captured by taps, and a head's weight is not one).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from distill.losses.registry import register_fused
 from distill.losses.token_divergences import (
     RowLoss,
     TopK,
@@ -71,21 +73,10 @@ from distill.losses.token_divergences import (
     token_ce_plan,
     total_variation,
 )
+from distill.taps import Head
 
 CHUNK_TOKENS = 128  # positions per chunk: the logits of both models, [128, V] fp32 each (78 MB at V = 152k)
 PIECE_LOGITS = 2**20  # logits per piece the row loss runs on (4 MB in fp32; ~12 temporaries of that size)
-
-
-class Head(NamedTuple):
-    """A model's final hidden states and its output layer: its logits are ``hidden @ weight.T + bias``.
-
-    ``hidden``: ``[B, T, H]`` (any leading shape ``[..., H]``); ``weight``: ``[V, H]`` (rows beyond the
-    real vocabulary allowed); ``bias``: ``[V]`` or ``None``.
-    """
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
 
 
 def _check_head(name: str, side: str, head) -> None:
@@ -266,6 +257,7 @@ def fused_token_divergence(
 
 
 # ------------------------------------------------------------------------- one function per loss
+@register_fused("token_fkl")
 def fused_token_fkl(student: Head, teacher: Head | TopK | torch.Tensor, mask: torch.Tensor | None = None,
                     temperature: float = 1.0, chunk_tokens: int = CHUNK_TOKENS, vocab_size: int | None = None,
                     topk: int | None = None) -> torch.Tensor:
@@ -274,6 +266,7 @@ def fused_token_fkl(student: Head, teacher: Head | TopK | torch.Tensor, mask: to
                                   chunk_tokens=chunk_tokens, vocab_size=vocab_size, topk=topk, kl_family=True)
 
 
+@register_fused("token_rkl")
 def fused_token_rkl(student: Head, teacher: Head | TopK | torch.Tensor, mask: torch.Tensor | None = None,
                     temperature: float = 1.0, chunk_tokens: int = CHUNK_TOKENS, vocab_size: int | None = None,
                     topk: int | None = None) -> torch.Tensor:
@@ -282,6 +275,7 @@ def fused_token_rkl(student: Head, teacher: Head | TopK | torch.Tensor, mask: to
                                   chunk_tokens=chunk_tokens, vocab_size=vocab_size, topk=topk, kl_family=True)
 
 
+@register_fused("token_gjsd")
 def fused_token_gjsd(student: Head, teacher: Head | TopK | torch.Tensor, mask: torch.Tensor | None = None,
                      beta: float = 0.5, temperature: float = 1.0, chunk_tokens: int = CHUNK_TOKENS,
                      vocab_size: int | None = None, topk: int | None = None) -> torch.Tensor:
@@ -291,6 +285,7 @@ def fused_token_gjsd(student: Head, teacher: Head | TopK | torch.Tensor, mask: t
                                   chunk_tokens=chunk_tokens, vocab_size=vocab_size, topk=topk, kl_family=True)
 
 
+@register_fused("token_tvd")
 def fused_token_tvd(student: Head, teacher: Head | TopK | torch.Tensor, mask: torch.Tensor | None = None,
                     temperature: float = 1.0, chunk_tokens: int = CHUNK_TOKENS, vocab_size: int | None = None,
                     topk: int | None = None) -> torch.Tensor:
@@ -300,6 +295,7 @@ def fused_token_tvd(student: Head, teacher: Head | TopK | torch.Tensor, mask: to
                                   topk=topk, kl_family=False)
 
 
+@register_fused("token_skl")
 def fused_token_skl(student: Head, teacher: Head | TopK | torch.Tensor, mask: torch.Tensor | None = None,
                     alpha: float = 0.1, temperature: float = 1.0, chunk_tokens: int = CHUNK_TOKENS,
                     vocab_size: int | None = None, topk: int | None = None) -> torch.Tensor:
@@ -309,6 +305,7 @@ def fused_token_skl(student: Head, teacher: Head | TopK | torch.Tensor, mask: to
                                   chunk_tokens=chunk_tokens, vocab_size=vocab_size, topk=topk, kl_family=True)
 
 
+@register_fused("token_srkl")
 def fused_token_srkl(student: Head, teacher: Head | TopK | torch.Tensor, mask: torch.Tensor | None = None,
                      alpha: float = 0.1, temperature: float = 1.0, chunk_tokens: int = CHUNK_TOKENS,
                      vocab_size: int | None = None, topk: int | None = None) -> torch.Tensor:
@@ -318,6 +315,7 @@ def fused_token_srkl(student: Head, teacher: Head | TopK | torch.Tensor, mask: t
                                   chunk_tokens=chunk_tokens, vocab_size=vocab_size, topk=topk, kl_family=True)
 
 
+@register_fused("token_ce")
 def fused_token_ce(student: Head, labels: torch.Tensor, mask: torch.Tensor | None = None,
                    chunk_tokens: int = CHUNK_TOKENS, vocab_size: int | None = None,
                    ignore_index: int = -100) -> torch.Tensor:

@@ -142,6 +142,23 @@ class LossSpec:
 LOSSES: Registry[LossSpec] = Registry("loss")
 
 
+#: loss name -> its form that takes the models' output heads (:class:`distill.taps.Head`) instead of
+#: their logits; the objective runs it when a term's logits come as a Head (``fused_head`` feeds)
+FUSED: dict[str, Callable] = {}
+
+
+def register_fused(name: str):
+    """Decorator: ``fn`` is loss ``name``'s form on output heads (same inputs and parameters)."""
+
+    def add(fn: Callable) -> Callable:
+        if name in FUSED:
+            raise ValueError(f"loss {name!r} already has a fused form")
+        FUSED[name] = fn
+        return fn
+
+    return add
+
+
 def register_loss(
     name: str,
     inputs: tuple[str, ...] = ("student", "teacher"),

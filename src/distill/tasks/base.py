@@ -68,6 +68,11 @@ class Task:
     #: the data sets this task reads itself (``None``: any of :data:`distill.data.DATASETS`)
     data_names: tuple[str, ...] | None = None
 
+    def training_feed(self, recipe) -> Feed:
+        """How a training stage's models are called on a batch (the student, and a live teacher):
+        :attr:`feed` unless the recipe asks for another (a causal LM's ``fused_head``)."""
+        return self.feed
+
     @property
     def supports_cache(self) -> bool:
         return self.teacher_cache is not None

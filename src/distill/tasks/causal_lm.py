@@ -37,7 +37,7 @@ from distill.data.types import ArrayDataset
 from distill.data.splits import random_split, training_subset
 from distill.errors import DistillError
 from distill.signals import Batch, default_feed
-from distill.taps import output_tensor
+from distill.taps import Head, output_tensor
 
 feed = default_feed
 
@@ -409,6 +409,7 @@ class LMOptions(TaskOptions):
     temperature: float = Field(1.0, gt=0)  # sampling temperature of on-policy and sequence-level KD text
     sequence_kd: bool = False  # distilled stages train on the teacher's continuations of the blocks
     sequence_kd_prompt_tokens: int = Field(16, ge=1)  # the prompt the teacher continues
+    fused_head: bool = False  # training stages never build [B, T, V] logits: token losses on the output heads
 
     @field_validator("on_policy", mode="before")
     @classmethod
@@ -430,6 +431,44 @@ HF_KWARGS = ("name_or_path", "config")
 def token_feed(model: nn.Module, batch: Batch) -> object:
     """``model(batch["input"])`` with the ids as int64 ``[B, T]`` (Hugging Face models need them so)."""
     return model(batch["input"].long())
+
+
+def output_layer(model: nn.Module) -> nn.Linear:
+    """The layer that turns a causal LM's final hidden states into logits: ``get_output_embeddings()``
+    of a Hugging Face model (or of the one a wrapper holds as ``.model``), ``head`` of the zoo's ``gpt``."""
+    for candidate in (model, getattr(model, "model", None)):
+        get = getattr(candidate, "get_output_embeddings", None)
+        layer = get() if callable(get) else None
+        if isinstance(layer, nn.Linear):
+            return layer
+    layer = getattr(model, "head", None)
+    if isinstance(layer, nn.Linear):
+        return layer
+    raise DistillError(f"task_options.fused_head: cannot find the output layer of {type(model).__name__} (a Hugging "
+                       "Face causal LM's get_output_embeddings(), or a Linear named 'head')")
+
+
+def fused_token_feed(model: nn.Module, batch: Batch) -> Head:
+    """:func:`token_feed` that stops before the output layer: the model runs with that layer giving an
+    empty ``[..., 0]`` tensor, and the feed returns a :class:`~distill.taps.Head` of the hidden states
+    it received and its weight and bias, so the ``[B, T, V]`` logits are never built (the token
+    losses compute them chunk by chunk, :mod:`distill.losses.fused_head`)."""
+    layer = output_layer(model)
+    seen: list[torch.Tensor] = []
+
+    def stop(hidden: torch.Tensor) -> torch.Tensor:
+        seen.append(hidden)
+        return hidden.new_zeros(*hidden.shape[:-1], 0)
+
+    layer.forward = stop  # an instance attribute: nn.Module.__call__ finds it before the class's
+    try:
+        model(batch["input"].long())
+    finally:
+        del layer.forward
+    if len(seen) != 1:
+        raise DistillError(f"task_options.fused_head: the output layer of {type(model).__name__} ran {len(seen)} "
+                           "times in one forward pass; use the plain feed (fused_head: false)")
+    return Head(seen[0], layer.weight, layer.bias)
 
 
 @dataclass
@@ -666,6 +705,9 @@ class CausalLMTask(Task):
                                      temperature=options.temperature, vocab_size=prepared.vocab_size)
         return None
 
+
+    def training_feed(self, recipe):
+        return fused_token_feed if self.options(recipe).fused_head else token_feed
 
     def cache_kind(self, recipe) -> str | None:
         return "sequences" if self.options(recipe).sequence_kd else self.teacher_cache
