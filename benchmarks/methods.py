@@ -216,6 +216,45 @@ def summarise(row: dict, kd: dict | None) -> dict:
     return out
 
 
+# CRD's Table 1 (Tian et al. 2020), resnet32x4 -> resnet8x4 on CIFAR-100, top-1 %, by this table's names
+CRD_TABLE1 = {"student alone": 72.50, "KD": 73.33, "FitNets": 73.50, "AT": 73.44, "SP": 72.94, "CC": 72.97,
+              "VID": 73.09, "RKD": 71.90, "PKT": 73.64, "FSP": 72.62, "NST": 73.30, "CRD": 75.51, "CRD + KD": 75.46}
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def crd_rank_correlation(record: dict) -> dict:
+    """Spearman's rank correlation between this table's accuracies and CRD's Table 1 over the entries
+    both have (the student alone included), with both orderings."""
+    ours = {r["method"]: 100 * r["accuracy"] for r in [record["baseline"], *record["methods"]]}
+    shared = [name for name in CRD_TABLE1 if name in ours]
+    a, b = _ranks([ours[n] for n in shared]), _ranks([CRD_TABLE1[n] for n in shared])
+    mean = (len(shared) + 1) / 2
+    cov = sum((x - mean) * (y - mean) for x, y in zip(a, b))
+    spread = (sum((x - mean) ** 2 for x in a) * sum((y - mean) ** 2 for y in b)) ** 0.5
+    return {
+        "spearman": round(cov / spread, 3) if spread else None,
+        "entries": len(shared),
+        "ours_order": sorted(shared, key=lambda n: -ours[n]),
+        "crd_order": sorted(shared, key=lambda n: -CRD_TABLE1[n]),
+        "crd_table1": {n: CRD_TABLE1[n] for n in shared},
+        "source": "Tian et al. 2020, Contrastive Representation Distillation, Table 1, resnet32x4 -> resnet8x4",
+    }
+
+
 def markdown(record: dict) -> str:
     t, b = record["teacher"], record["baseline"]
     lines = [
@@ -261,7 +300,15 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None, help="method names to run (default: all)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse finished rows, teachers and caches in --work made by the same recipes")
+    parser.add_argument("--rank-correlation-only", action="store_true",
+                        help="recompute the rank correlation with CRD's Table 1 in --out from its rows, nothing else")
     args = parser.parse_args()
+    if args.rank_correlation_only:
+        record = json.loads(Path(args.out).read_text())
+        record["crd_table1"] = crd_rank_correlation(record)
+        Path(args.out).write_text(json.dumps(record, indent=2))
+        print(json.dumps(record["crd_table1"], indent=2))
+        return 0
 
     started = time.perf_counter()
     work = Path(args.work)
@@ -331,6 +378,7 @@ def main() -> int:
         "recipes": {name: method_recipe(args, name, table[name], "TEACHER", "MEMBER", "CACHE", "ENSEMBLE_CACHE")
                     for name in names},
     }
+    record["crd_table1"] = crd_rank_correlation(record)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))

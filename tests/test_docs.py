@@ -250,6 +250,10 @@ FIGURES: list[Fig] = [
     # ---------------------------------------------------------------- docs/results.md
     *_demo_output("docs/results.md"),
     # ---------------------------------------------------------------- docs/losses.md
+    Fig("docs/methods.md", "methods.json", "Spearman's rank correlation with Table 1 over the {} entries both have",
+        (J("crd_table1.entries"),)),
+    Fig("docs/methods.md", "methods.json", "included): ρ = {} (`python benchmarks/methods.py --rank-correlation-only`",
+        (J("crd_table1.spearman"),)),
     Fig("docs/losses.md", "methods.json", "(Fashion-MNIST, `cnn` width 32 teacher {}%, `cnn` width 8 student with {}x fewer "
         "parameters, {} images, {} epochs, {} seeds)",
         (J("teacher.accuracy", 100), F(lambda d: d["teacher"]["params"] / d["baseline"]["params"], "params ratio"),
