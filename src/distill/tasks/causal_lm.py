@@ -436,12 +436,13 @@ def token_feed(model: nn.Module, batch: Batch) -> object:
 def output_layer(model: nn.Module) -> nn.Linear:
     """The layer that turns a causal LM's final hidden states into logits: ``get_output_embeddings()``
     of a Hugging Face model (or of the one a wrapper holds as ``.model``), ``head`` of the zoo's ``gpt``."""
-    for candidate in (model, getattr(model, "model", None)):
+    inner = getattr(model, "module", model)  # a DistributedDataParallel wrapper's model
+    for candidate in (inner, getattr(inner, "model", None)):
         get = getattr(candidate, "get_output_embeddings", None)
         layer = get() if callable(get) else None
         if isinstance(layer, nn.Linear):
             return layer
-    layer = getattr(model, "head", None)
+    layer = getattr(inner, "head", None)
     if isinstance(layer, nn.Linear):
         return layer
     raise DistillError(f"task_options.fused_head: cannot find the output layer of {type(model).__name__} (a Hugging "
