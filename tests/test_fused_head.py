@@ -368,3 +368,6 @@ def test_a_term_that_needs_logits_is_refused_with_fused_heads(tmp_path):
                       terms=[{"name": "kd", "loss": "kd"}])
     with pytest.raises(DistillError, match=r"term 'kd' \(kd\) reads logits, but the models give their output heads"):
         run_recipe(load_recipe(data), tmp_path / "run", progress=False)
+    sharded = {**data, "distill": {"terms": [{"name": "kd", "loss": "token_fkl"}]}, "train": {**data["train"], "sharding": "fsdp"}}
+    with pytest.raises(DistillError, match="use one of fused_head and train.sharding: fsdp"):
+        load_recipe(sharded)

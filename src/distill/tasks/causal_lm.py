@@ -530,6 +530,10 @@ class CausalLMTask(Task):
         if recipe.teacher.cache is not None and lam:
             raise DistillError("teacher.cache replays the teacher on the training blocks, but task_options.on_policy "
                                "(the student writes the text) trains on new text; drop teacher.cache")
+        stages = [recipe.train, *(s.train for s in (recipe.baseline, recipe.distill) if s.train is not None)]
+        if options.fused_head and any(t.sharding == "fsdp" for t in stages):
+            raise DistillError("task_options.fused_head reads the output layer's whole weight after the forward pass, "
+                               "which FSDP has sharded again by then; use one of fused_head and train.sharding: fsdp")
         for role, spec in (("teacher", recipe.teacher), ("student", recipe.student),
                            *((f"assistants.{i}", a) for i, a in enumerate(recipe.assistants))):
             self._check_spec(spec, role)
