@@ -255,12 +255,9 @@ def main() -> int:
         "rows": study.rows,
         "runs": study.runs,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
     table = markdown(study.rows)
-    out.with_suffix(".md").write_text(
-        f"# {record['benchmark']}\n\n`{record['command']}`: {wall:.0f} s wall, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}, {record['date']}.\n\n{table}\n")
+    write_record(out, record, f"`{record['command']}`: {wall:.0f} s wall, {torch.get_num_threads()} threads, torch "
+                              f"{torch.__version__}, {record['date']}.\n\n{table}")
     print()
     print(table)
     print(f"\nwhole benchmark: {wall:.1f} s wall on {torch.get_num_threads()} threads; results: {out}")
@@ -331,21 +328,26 @@ def shipped(args: argparse.Namespace) -> int:
         "rows": study.rows,
         "runs": study.runs,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
     table = markdown(study.rows)
-    out.with_suffix(".md").write_text(
-        f"# {record['benchmark']}\n\n`{record['command']}`: {wall:.0f} s wall, {torch.get_num_threads()} "
+    write_record(out, record,
+        f"`{record['command']}`: {wall:.0f} s wall, {torch.get_num_threads()} "
         f"threads, torch {torch.__version__}, {record['date']}, load average {record['machine']['load_average']} "
         f"at the end.\n\nTeacher: shipped `{SHIPPED}`, {record['teacher']['test_errors']} test errors, "
         f"{record['teacher']['cpu_hours']} CPU hours to train (`{manifest['command']}`).\n\n"
         f"Pilot: {pilot['summary']}.\n\n{table}\n\n"
         f"Target: distilled <= 74 test errors (the paper; stretch 70) with <= 20 CPU minutes of student training: "
         f"{record['summary']['distilled_errors_mean']:.1f} errors, {per_student_minutes:.1f} CPU minutes per "
-        f"student: {'met' if record['summary']['target_met'] else 'missed'}.\n")
+        f"student: {'met' if record['summary']['target_met'] else 'missed'}.")
     print(table)
     print(f"results: {out}")
     return 0
+
+
+def write_record(out: Path, record: dict, body: str) -> None:
+    """The results JSON at ``out`` and a markdown page beside it: the benchmark's title, then ``body``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text(f"# {record['benchmark']}\n\n{body}\n")
 
 
 def markdown(rows: list[dict]) -> str:
