@@ -221,6 +221,12 @@ FIGURES: list[Fig] = [
          J("paper.student_alone"), J("rows[2].temperature"), J("rows[2].errors_mean"), J("rows[2].errors_std"),
          J("paper.distilled"), J("rows[4].temperature"), J("rows[4].errors_mean"), F(lambda d: len(d["rows"][4]["seeds"]), "seeds"))),
     Fig("README.md", "hinton_mnist.json", "the teacher's schedule fits 2 CPU cores ({} epochs)", (J("settings.teacher.train.epochs"),)),
+    Fig("README.md", "hinton_mnist_shipped.json", "| teacher {} errors ({} CPU hours); 800-800 without jitter, {} epochs, {} seeds: "
+        "alone {} ± {} (paper {}), distilled with the pilot's choice (T {}) {} ± {} (target ≤ {}: missed), {} CPU minutes per student |",
+        (J("teacher.test_errors"), J("teacher.cpu_hours"), J("settings.student_train.epochs"),
+         F(lambda d: len(d["rows"][2]["seeds"]), "seeds"), J("rows[1].errors_mean"), J("rows[1].errors_std"),
+         J("paper.student_alone"), J("rows[2].temperature"), J("rows[2].errors_mean"), J("rows[2].errors_std"),
+         J("targets.distilled_errors_max"), J("summary.student_train_cpu_minutes"))),
     Fig("README.md", "sst2.json", "(MiniLM-L6 → BiLSTM, {}k sentences;", (J("settings.train_size", 1e-3),)),
     Fig("README.md", "sst2.json", "dev acc: teacher {}, BiLSTM alone {}, distilled {} |",
         (J("rows.teacher.dev_accuracy"), J("rows.bilstm_alone.dev_accuracy"), J("rows.bilstm_distilled.dev_accuracy"))),
