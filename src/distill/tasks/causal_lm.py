@@ -463,7 +463,7 @@ def fused_token_feed(model: nn.Module, batch: Batch) -> Head:
 
     layer.forward = stop  # an instance attribute: nn.Module.__call__ finds it before the class's
     try:
-        model(batch["input"].long())
+        token_feed(model, batch)
     finally:
         del layer.forward
     if len(seen) != 1:
