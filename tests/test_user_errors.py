@@ -204,3 +204,45 @@ def test_headerless_tsv_error_is_short(tmp_path):
     message = str(err.value)
     assert "sentence<TAB>label" in message and "header" in message
     assert len(message) < len(str(path)) + 200 and "\n" not in message
+
+
+# data.options are typed per data set (distill.data.DataOptions, from each builder's signature)
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"test_fraction": "a fifth"}, r"data\.options\.test_fraction: input should be a valid number.*data set 'digits'.*'a fifth'"),
+    ({"test_fraction": 0.2, "sed": 1}, r"data set 'digits' has no option 'sed'; accepted options: test_fraction, seed"),
+    ({"seed": 1.5}, r"data\.options\.seed: input should be a valid integer"),
+])
+def test_a_wrong_data_option_is_refused_at_load_before_any_work(tmp_path, capsys, options, expected):
+    data = {**RECIPE, "data": {**RECIPE["data"], "options": options}}
+    with pytest.raises(DistillError, match=expected):
+        load_recipe(data)
+    code, _, err = run_cli(["check", write(tmp_path, data)], capsys)
+    assert code == 2 and "data" in one_error_line(err)
+
+
+def test_data_options_are_converted_to_their_declared_types(tmp_path):
+    from distill.data import DATASETS, load_dataset
+    from distill.data.registry import parse_data_options
+
+    model = DATASETS.get("mnist-detection").Options
+    assert list(model.model_fields)[:3] == ["path", "download", "mirror"]
+    # a YAML list becomes the declared tuple; only the options given are handed on
+    assert parse_data_options("mnist-detection", model, {"digits": [1, 2]}) == {"digits": (1, 2)}
+    data = load_dataset("mnist1d", tmp_path, num_samples=600.0, seed=3)  # an integral float is an int
+    assert len(data.train) + len(data.test) == 600
+
+
+def test_the_text_tasks_own_data_sets_are_typed_too(tmp_path):
+    base = {"name": "t", "task": "text-classification", "seeds": [0],
+            "teacher": {"model": "bilstm", "train": {"epochs": 1}}, "student": {"model": "bilstm"},
+            "distill": {"terms": [{"loss": "kd"}]}}
+    with pytest.raises(DistillError, match="data set 'tsv' needs the option train"):
+        load_recipe({**base, "data": {"name": "tsv", "options": {"test": "t.tsv"}}})
+    with pytest.raises(DistillError, match=r"data\.options\.num_classes: input should be greater than or equal to 2"):
+        load_recipe({**base, "data": {"name": "tsv", "options": {"train": "a", "test": "b", "num_classes": 1}}})
+    with pytest.raises(DistillError, match="data set 'sst2' has no option 'paht'; accepted options: path, verify"):
+        load_recipe({**base, "data": {"name": "sst2", "options": {"paht": "x"}}})
+    with pytest.raises(DistillError, match=r"data\.options\.verify: input should be a valid boolean"):
+        load_recipe({**base, "data": {"name": "sst2", "options": {"verify": "perhaps"}}})

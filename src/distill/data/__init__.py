@@ -15,19 +15,19 @@ import pkgutil
 from distill.data.augment import mixup_inputs, normalize, random_crop_flip
 from distill.data.interactions import Interactions, leave_one_out
 from distill.data.loader import BatchLoader
-from distill.data.registry import DATASETS, default_data_dir, load_dataset
+from distill.data.registry import DATASETS, DataOptions, default_data_dir, load_dataset, register_builder
 from distill.data.splits import split_validation
 from distill.data.types import ArrayDataset, DataSplits
 
 __all__ = [
-    "DATASETS", "load_dataset", "default_data_dir", "DataSplits", "ArrayDataset", "BatchLoader",
+    "DATASETS", "DataOptions", "register_builder", "load_dataset", "default_data_dir", "DataSplits", "ArrayDataset", "BatchLoader",
     "split_validation", "random_crop_flip", "normalize", "mixup_inputs", "Interactions", "leave_one_out",
 ]
 
 
 def _register_all() -> None:
     """Import every module of this package: each registers its data sets as it is imported (with
-    :func:`distill.data.arrays.register_builder`), so a new data set is one new file, no list to edit."""
+    :func:`distill.data.registry.register_builder`), so a new data set is one new file, no list to edit."""
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
 

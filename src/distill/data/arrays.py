@@ -7,56 +7,17 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from distill.data.registry import DATASETS
+from distill.data.registry import register_builder
 from distill.data.types import ArrayDataset, DataSplits
 from distill.errors import DistillError
 
 _KEYS = ("x_train", "y_train", "x_test", "y_test")
-
-
-def register_builder(name: str) -> Callable:
-    """Register a builder ``fn(data_dir, *, option=default, ...)`` under ``name``.
-
-    Options are the builder's keyword-only parameters; an unknown option raises
-    :class:`DistillError` listing the accepted ones (instead of a bare ``TypeError``).
-    """
-
-    def wrap(fn: Callable[..., DataSplits]) -> Callable[..., DataSplits]:
-        params = inspect.signature(fn).parameters.values()
-        accepted = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        required = [
-            p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
-        ]
-
-        @functools.wraps(fn)
-        def builder(data_dir: Path, **options) -> DataSplits:
-            unknown = sorted(set(options) - set(accepted))
-            if unknown:
-                raise DistillError(
-                    f"data set '{name}' has no option {', '.join(repr(u) for u in unknown)}; "
-                    f"accepted options: {', '.join(accepted) or 'none'}"
-                )
-            missing = [r for r in required if r not in options]
-            if missing:
-                raise DistillError(
-                    f"data set '{name}' needs the option {', '.join(missing)} (data.options.{missing[0]})"
-                )
-            return fn(Path(data_dir), **options)
-
-        builder.accepted_options = accepted
-        DATASETS.register(name, builder)
-        return builder
-
-    return wrap
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.data.arrays import register_builder
+from distill.data.registry import register_builder
 from distill.data.download import fetch_files, safe_extract_tar, sha256_of
 from distill.data.image_folder import is_tar, load_image_tree, tree_splits
 from distill.data.types import ArrayDataset, DataSplits

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.data.arrays import register_builder
+from distill.data.registry import register_builder
 from distill.data.download import fetch_files, safe_extract_tar, sha256_of
 from distill.data.types import ArrayDataset, DataSplits
 from distill.errors import DistillError

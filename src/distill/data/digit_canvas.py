@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.data.arrays import register_builder
+from distill.data.registry import register_builder
 from distill.data.loader import derive_seed
 from distill.data.registry import load_dataset
 from distill.data.types import ArrayDataset, DataSplits, DetectionSet

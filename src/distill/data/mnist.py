@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distill.data.arrays import register_builder
+from distill.data.registry import register_builder
 from distill.data.download import fetch_files
 from distill.data.idx import parse_idx, read_idx_bytes
 from distill.data.types import ArrayDataset, DataSplits

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.data.arrays import register_builder
+from distill.data.registry import register_builder
 from distill.data.download import fetch_files
 from distill.data.interactions import Interactions, leave_one_out
 from distill.data.types import ArrayDataset, DataSplits

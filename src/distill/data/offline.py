@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.data.arrays import channel_stats, register_builder
+from distill.data.arrays import channel_stats
+from distill.data.registry import register_builder
 from distill.data.download import publish_file
 from distill.data.types import ArrayDataset, DataSplits
 from distill.errors import DistillError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.data.arrays import register_builder
+from distill.data.registry import register_builder
 from distill.data.tinyshakespeare import char_vocab, encode_chars, text_blocks
 from distill.data.types import DataSplits
 from distill.errors import DistillError

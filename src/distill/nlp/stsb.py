@@ -182,7 +182,7 @@ def register_stsb() -> None:
     """Register the ``stsb`` data set (idempotent): ``path`` (a folder with ``sts-*.csv``; default
     ``DATA_DIR/stsb``) and ``verify``. Its splits are :class:`SentencePairs`: ``train`` (STS-B
     train), ``test`` (STS-B test) and ``extra["dev"]``."""
-    from distill.data.arrays import register_builder
+    from distill.data.registry import register_builder
     from distill.data.registry import DATASETS
     from distill.data.types import DataSplits
 

@@ -228,6 +228,7 @@ def validate_names(recipe: Recipe) -> None:
         raise DistillError(
             f"unknown data set '{recipe.data.name}' for task {recipe.task}; choose {', '.join(task.data_names)}"
         )
+    task.data_options(recipe)  # unknown, missing or mistyped data.options: one line, before any work
     task.validate(recipe)
     members = recipe.teacher.ensemble.members if recipe.teacher.ensemble else []
     from distill.models.weights import SHIPPED, resolve_weights

@@ -114,6 +114,13 @@ class Task:
         """``recipe.task_options`` checked and typed as :attr:`Options` (defaults filled in)."""
         return parse_options(self.Options, recipe.task_options, self.name)
 
+    def data_options(self, recipe) -> dict:
+        """``recipe.data.options`` checked against its data set's typed options
+        (:class:`distill.data.DataOptions`, from the builder's signature), converted to their types."""
+        from distill.data.registry import data_options_model, parse_data_options
+
+        return parse_data_options(recipe.data.name, data_options_model(recipe.data.name), recipe.data.options)
+
     def validate(self, recipe) -> None:
         """Raise a :class:`DistillError` for what this task cannot run (models, ``task_options``),
         before any work starts. By default only the ``task_options`` are checked (:attr:`Options`)."""

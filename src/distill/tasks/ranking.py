@@ -451,12 +451,18 @@ class RankingTask(Task):
                                "keep task_options")
         return parse_options(RankingOptions, {**legacy, **given}, self.name)
 
+    def data_options(self, recipe) -> dict:
+        """The data set's options, without the task options older recipes gave there."""
+        from distill.data.registry import data_options_model, parse_data_options
+
+        options = {k: v for k, v in recipe.data.options.items() if k not in _LEGACY}
+        return parse_data_options(recipe.data.name, data_options_model(recipe.data.name), options)
+
     def prepare(self, recipe, data_dir) -> PreparedRanking:
         from distill.data import load_dataset
 
         task_options = self.options(recipe)
-        options = {k: v for k, v in recipe.data.options.items() if k not in _LEGACY}
-        data = load_dataset(recipe.data.name, data_dir, **options)
+        data = load_dataset(recipe.data.name, data_dir, **self.data_options(recipe))
         interactions = data.extra.get("interactions")
         if not isinstance(interactions, Interactions):
             raise DistillError(

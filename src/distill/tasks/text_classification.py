@@ -46,6 +46,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from distill.data.registry import DataOptions, parse_data_options
 from distill.data.splits import random_split, training_subset
 from distill.errors import DistillError
 from distill.signals import Batch
@@ -80,34 +81,44 @@ def _side_key(side: str | None, key: str) -> str:
 
 
 # ------------------------------------------------------------------------------ data
+class SST2Options(DataOptions):
+    """``data.options`` of ``sst2``: ``path`` (a folder with ``train.tsv`` and ``dev.tsv``; default
+    downloaded into the data folder) and ``verify`` (check the files' SHA-256)."""
+
+    path: str | Path | None = None
+    verify: bool = True
+
+
+class TSVOptions(DataOptions):
+    """``data.options`` of ``tsv``: ``train`` and ``test`` (``sentence<TAB>label`` files with a header
+    line) and ``num_classes`` (default: the largest label + 1)."""
+
+    train: str | Path
+    test: str | Path
+    num_classes: int | None = Field(None, ge=2)
+
+
+DATA_OPTIONS: dict[str, type[DataOptions]] = {"sst2": SST2Options, "tsv": TSVOptions}
+
+
 def load_text_data(spec, data_dir) -> Any:
     """The :class:`distill.nlp.TextSplits` of a recipe's ``data`` section (``sst2`` or ``tsv``)."""
     from distill.nlp.data import TextSplits, load_sst2, read_labelled_tsv
 
-    options = dict(spec.options)
-    if spec.name == "sst2":
-        unknown = sorted(set(options) - {"path", "verify"})
-        if unknown:
-            raise DistillError(f"data set 'sst2' has no option {', '.join(unknown)}; accepted options: path, verify")
-        path = options.get("path")
-        if path is None:
+    if spec.name not in DATA_OPTIONS:
+        raise DistillError(f"unknown data set '{spec.name}' for task text-classification; choose {' or '.join(DATA)}")
+    options = DATA_OPTIONS[spec.name](**parse_data_options(spec.name, DATA_OPTIONS[spec.name], spec.options))
+    if isinstance(options, SST2Options):
+        if options.path is None:
             return load_sst2(data_dir=data_dir)
-        return load_sst2(path, verify=bool(options.get("verify", True)))
-    if spec.name == "tsv":
-        unknown = sorted(set(options) - {"train", "test", "num_classes"})
-        missing = [k for k in ("train", "test") if k not in options]
-        if unknown or missing:
-            raise DistillError("data set 'tsv' takes the options train and test (sentence<TAB>label files with a "
-                               "header) and num_classes" + (f"; unknown: {', '.join(unknown)}" if unknown else "")
-                               + (f"; missing: {', '.join(missing)}" if missing else ""))
-        files = {k: Path(options[k]).expanduser() for k in ("train", "test")}
-        for k, f in files.items():
-            if not f.is_file():
-                raise DistillError(f"data set 'tsv': {k} file {f} does not exist")
-        train, test = read_labelled_tsv(files["train"]), read_labelled_tsv(files["test"])
-        classes = options.get("num_classes") or int(max(train.targets.max(), test.targets.max())) + 1
-        return TextSplits("tsv", train, test, num_classes=int(classes))
-    raise DistillError(f"unknown data set '{spec.name}' for task text-classification; choose {' or '.join(DATA)}")
+        return load_sst2(options.path, verify=options.verify)
+    files = {k: Path(getattr(options, k)).expanduser() for k in ("train", "test")}
+    for k, f in files.items():
+        if not f.is_file():
+            raise DistillError(f"data set 'tsv': {k} file {f} does not exist")
+    train, test = read_labelled_tsv(files["train"]), read_labelled_tsv(files["test"])
+    classes = options.num_classes or int(max(train.targets.max(), test.targets.max())) + 1
+    return TextSplits("tsv", train, test, num_classes=int(classes))
 
 
 def _tokenizer_source(spec, teacher_source: tuple | None, role: str) -> tuple:
@@ -321,6 +332,10 @@ class TextClassificationTask(Task):
     feed = staticmethod(feed)
     teacher_cache = "tokens"
     Options = TextOptions
+
+    def data_options(self, recipe) -> dict:
+        """``sst2``'s or ``tsv``'s options, typed (:data:`DATA_OPTIONS`)."""
+        return parse_data_options(recipe.data.name, DATA_OPTIONS[recipe.data.name], recipe.data.options)
 
     def validate(self, recipe) -> None:
         self.options(recipe)
