@@ -35,6 +35,12 @@ Parts:
   student; the labels constrain it), against the same alone.
 - ``cache_steps`` (after ``cache``): the same three arms' training steps timed interleaved in one
   process (rounds of a few steps each, the order rotated), the median step time of each.
+- ``fused_recipe`` (after ``cache``): the recipe-level figure of ``task_options.fused_head``: one
+  training step of the preset's distilled stage, as ``distill run`` builds it (``stage.build_stage``:
+  the recipe's terms, feed and teacher signal), with and without ``fused_head``, from the live teacher
+  and from part ``cache``'s top-64 cache, at ``--recipe-tokens`` tokens a batch (vocab 50,257). Each
+  variant in a fresh subprocess: peak memory of the first step (``ru_maxrss`` after it minus the
+  resident size before it, the gap recorded as in part ``fused``), time the median of the next steps.
 - ``fsdp``: ``benchmarks/fsdp_equality.py``: a sharded student (``train.sharding: fsdp``) on 2 CPU
   processes (gloo) against 1 process: max abs weight difference after the run.
 """
@@ -481,9 +487,115 @@ def part_fsdp(args: argparse.Namespace) -> dict:
     return {"meta": meta, "rows": [], "summary": {"fsdp": shown}, "raw": figures}
 
 
+RECIPE_VARIANTS = ("plain-live", "fused-live", "plain-cached", "fused-cached")
+
+
+def fused_recipe_worker(variant: str, tokens: int, args: argparse.Namespace) -> dict:
+    """Part ``fused_recipe``'s worker: the preset's distilled stage built as ``distill run`` builds it
+    (``fused_head`` on or off; live teacher or part ``cache``'s cache), ``tokens`` tokens a batch; the
+    first step's peak memory, the next steps' median time."""
+    import torch
+
+    from distill.allocator import keep_freed_memory
+    from distill.recipes import load_recipe
+    from distill.stage import build_stage, live_signal, open_cache
+    from distill.tasks.base import get_task
+
+    torch.set_num_threads(args.threads)
+    if args.malloc == "trainer":
+        keep_freed_memory()
+    head, source = variant.split("-")
+    work = Path(args.work) / "cache"
+    weights, cache = work / "teacher" / "teacher.safetensors", work / "teacher-cache"
+    if not (cache / "header.json").is_file():
+        raise SystemExit("run the part `cache` first: it trains the teacher and builds the cache")
+    overrides = _lm_overrides(args) + [f"teacher.weights={weights}", f"task_options.fused_head={head == 'fused'}",
+                                       f"train.batch_size={tokens // 64}"]
+    if source == "cached":
+        overrides += [f"teacher.cache={cache}", f"teacher.cache_topk={CACHE_TOPK}"]
+    recipe = load_recipe(PRESET, overrides)
+    task = get_task(recipe.task)
+    prepared = task.prepare(recipe, None)
+    teacher = task.build_model(recipe.teacher, prepared, 0)
+    signal = open_cache(recipe, task, teacher, prepared, cache) if source == "cached" else live_signal(recipe, task, teacher)
+    student = task.build_model(recipe.student, prepared, 0)
+    stage = build_stage(recipe, task, prepared, name="student-seed0", student=student, teacher=signal,
+                        spec=recipe.distill, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for batch in stage.loader:
+        batches.append(stage.transform(batch, generator) if stage.transform else batch)
+        if len(batches) == 1 + RECIPE_STEPS:
+            break
+    optimizer = torch.optim.AdamW(stage.distiller.parameters(), lr=1e-3)
+
+    def step(batch) -> float:
+        loss = stage.distiller(batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    rss, before = _rss_bytes(), _maxrss_bytes()
+    value = step(batches[0])
+    after = _maxrss_bytes()
+    times = []
+    for batch in batches[1:]:
+        started = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - started)
+    return {"variant": variant, "tokens": tokens, "vocab": prepared.vocab_size, "loss": value,
+            "seconds": statistics.median(times), "peak_bytes": after - rss, "maxrss_gap_before_bytes": before - rss,
+            "load_average": load_average()}
+
+
+def part_fused_recipe(args: argparse.Namespace) -> dict:
+    """``task_options.fused_head`` at the recipe level: see the module's docstring."""
+    meta = {"machine": machine(args.threads), "date_start": now(), "load_average_start": load_average()}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    records: dict[str, list[dict]] = {v: [] for v in RECIPE_VARIANTS}
+    for r in range(args.recipe_repeats):
+        for variant in RECIPE_VARIANTS[r % 4:] + RECIPE_VARIANTS[:r % 4]:  # interleaved, the order rotated
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", "fused_recipe", variant, "0", str(args.recipe_tokens),
+                 "--threads", str(args.threads), "--malloc", args.malloc, "--work", args.work,
+                 "--data-root", args.data_root, "--blocks", str(args.blocks)],
+                capture_output=True, text=True, env=env, check=False)
+            if out.returncode != 0:
+                raise RuntimeError(f"worker {variant} failed:\n{out.stderr[-3000:]}")
+            record = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  {variant:13s}: {record['peak_bytes'] / 2**20:7.0f} MiB, step {record['seconds']:.2f} s, "
+                  f"gap before {record['maxrss_gap_before_bytes'] / 2**20:.0f} MiB, load {record['load_average'][0]}",
+                  flush=True)
+            records[variant].append(record)
+    vocab = records["plain-live"][0]["vocab"]
+    logits_mib = args.recipe_tokens * vocab * 4 / 2**20
+    med = {v: {"peak": statistics.median(x["peak_bytes"] for x in recs) / 2**20,
+               "seconds": statistics.median(x["seconds"] for x in recs),
+               "gap": max(x["maxrss_gap_before_bytes"] for x in recs) / 2**20} for v, recs in records.items()}
+    rows = [{"variant": v, "peak memory MiB": round(m["peak"], 1), "peak / one model's fp32 logits": round(m["peak"] / logits_mib, 3),
+             "step s (median)": round(m["seconds"], 3), "largest maxrss gap before MiB": round(m["gap"], 1)}
+            for v, m in med.items()]
+    summary = {source: {"peak_mem_ratio": med[f"fused-{source}"]["peak"] / med[f"plain-{source}"]["peak"],
+                        "time_ratio": med[f"fused-{source}"]["seconds"] / med[f"plain-{source}"]["seconds"]}
+               for source in ("live", "cached")}
+    meta.update(date_end=now(), load_average_end=load_average(),
+                config={"preset": PRESET, "tokens per batch": args.recipe_tokens, "vocab": vocab,
+                        "one model's fp32 logits MiB": round(logits_mib, 1), "repeats": args.recipe_repeats,
+                        "timed steps per repeat": RECIPE_STEPS, "student": "gpt 2 x 64", "teacher": "gpt 4 x 128",
+                        "loss": "token_fkl, T 1"},
+                variants={"plain": "task_options.fused_head false: the models' full logits, then the token loss",
+                          "fused": "task_options.fused_head true: hidden states and output layers, logits chunk by chunk in the loss",
+                          "live / cached": "the teacher run beside the student, or part cache's top-64 cache"})
+    return {"meta": meta, "rows": rows, "summary": summary}
+
+
+RECIPE_STEPS = 3  # part fused_recipe: steps timed after the first (measured) one
+
+
 PARTS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "fused": part_fused, "cache": part_cache, "cache_hard": lambda args: part_cache(args, hard=HARD),
-    "cache_steps": part_cache_steps, "fsdp": part_fsdp}
+    "cache_steps": part_cache_steps, "fused_recipe": part_fused_recipe, "fsdp": part_fsdp}
 HARD = 0.5  # part cache_hard: the token CE's weight beside forward KL
 
 
@@ -552,11 +664,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=6, help="cache_steps: interleaved rounds")
     parser.add_argument("--malloc", choices=("trainer", "default"), default="trainer",
                         help="glibc malloc as distill's trainer tunes it on the CPU (default), or left alone")
+    parser.add_argument("--recipe-tokens", type=int, default=4096, help="fused_recipe: tokens a batch (64 a block)")
+    parser.add_argument("--recipe-repeats", type=int, default=3, help="fused_recipe: fresh processes per variant")
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=4, metavar=("PART", "VARIANT", "VOCAB", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         part, variant, vocab, tokens = args.worker
+        if part == "fused_recipe":
+            print(json.dumps(fused_recipe_worker(variant, int(tokens), args)))
+            return
         if part != "fused":
             raise SystemExit(f"no worker for part {part!r}")
         print(json.dumps(fused_worker(variant, int(vocab), int(tokens), args.threads, args.profile, args.malloc)))

@@ -21,8 +21,8 @@ def shared() -> Path:
 @pytest.fixture
 def recorded_stages(monkeypatch) -> dict[str, dict]:
     """Every stage assembled from now on (by ``distill.stage.assemble_stage``), by name: its terms,
-    transforms, teacher signal and monitor. The one-stage tests compare what check, run and a sweep
-    trial built."""
+    transforms, teacher signal and monitor (the stage object itself under ``"NAME:stage"``). The
+    one-stage tests compare what check, run and a sweep trial built."""
     import distill.stage as stage_module
 
     seen: dict[str, dict] = {}
@@ -37,6 +37,7 @@ def recorded_stages(monkeypatch) -> dict[str, dict]:
             "signal": type(teacher).__name__,
             "monitor": built.config.monitor,
         }
+        seen[f"{name}:stage"] = built
         return built
 
     monkeypatch.setattr(stage_module, "assemble_stage", spy)

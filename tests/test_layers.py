@@ -171,3 +171,27 @@ def test_the_checker_sees_an_upward_import():
     assert sum(len(v) for v in GRAPH.values()) > 100
     assert layer_of("distill.losses.kd") < layer_of("distill.tasks.detection")
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_nothing_outside_the_tasks_imports_one_task_or_branches_on_a_task_name():
+    """The pipeline knows only the Task interface: no module outside ``distill.tasks`` imports a
+    particular task's module (tap suggestion did: it built classification models for every task),
+    and none compares a task's name to a literal (``task.name == "classification"`` on 8da6390)."""
+    specific = {m for m in MODULES if m.startswith("distill.tasks.") and m != "distill.tasks.base"}
+    importers = sorted(f"{m} imports {t}" for m, targets in GRAPH.items()
+                       if not m.startswith("distill.tasks") for t in targets if t in specific)
+    assert not importers, importers
+    branches = []
+    for module, path in MODULES.items():
+        if module.startswith("distill.tasks"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops):
+                sides = [node.left, *node.comparators]
+                names = any(isinstance(s, ast.Attribute) and s.attr == "task" or
+                            isinstance(s, ast.Attribute) and s.attr == "name" and "task" in ast.unparse(s.value)
+                            for s in sides)
+                literal = any(isinstance(s, ast.Constant) and isinstance(s.value, str) for s in sides)
+                if names and literal:
+                    branches.append(f"{module}: {ast.unparse(node)}")
+    assert not branches, branches

@@ -47,3 +47,16 @@ def test_data_sets_are_registered_by_their_own_modules_without_importing_a_task(
     names, tasks = out.splitlines()
     assert "'text'" in names and "'stsb'" in names and "'tinyshakespeare'" in names
     assert tasks == "[]"
+
+
+def test_every_zoo_module_is_imported_by_the_package_without_a_list():
+    """`distill.models` imported its zoo modules by a hand list; it now imports every module of the
+    package, so a new model family is one file."""
+    import distill.models
+
+    out = _fresh("import sys, distill.models; print(sorted(m for m in sys.modules if m.startswith('distill.models.')))")
+    modules = sorted(f"distill.models.{m.name}" for m in pkgutil.iter_modules(distill.models.__path__))
+    assert out == str(modules)
+    registered = {type(None) if f is None else getattr(f, "__module__", "") for f in
+                  (distill.models.MODELS.get(n) for n in distill.models.MODELS.names())}
+    assert {"distill.models.cnn", "distill.models.gpt", "distill.models.wrn"} <= registered

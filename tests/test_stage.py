@@ -100,6 +100,8 @@ def test_check_run_and_sweep_trial_build_the_same_distilled_stage(task, tmp_path
     assert from_run["signal"] == "LiveTeacher"
     if task == "causal-lm":
         assert from_run["transforms"] == ["OnPolicyTransform"]
+        on_policy = seen["trial:stage"].transforms[0]
+        assert on_policy.batches > 0  # the trial trained through it (8da6390: 0 times)
 
 
 @pytest.mark.fast
@@ -233,3 +235,46 @@ def test_the_verdict_says_when_the_distilled_stage_has_another_schedule(tmp_path
     assert "not like for like" in results["verdict"] and "epochs 2 vs 1" in results["verdict"]
     same = run_recipe(load_recipe(classification_recipe()), tmp_path / "same", progress=False)
     assert "schedule_difference" not in same and "not like for like" not in same["verdict"]
+
+
+@pytest.mark.parametrize("task", ["text-classification", "causal-lm"])
+def test_tap_suggestion_goes_through_the_task(task, tmp_path, text_file, capsys):
+    """`distill check --suggest-taps` built classification models and read `batch["input"]` of the
+    test split: on a text run it failed with "unknown data set 'tsv'". It now builds the models by
+    the task and feeds them one training batch by the task's feed."""
+    from distill.tap_suggest import suggest_for_recipe
+
+    data = text_classification_recipe(tmp_path) if task == "text-classification" else lm_recipe(text_file)
+    found = suggest_for_recipe(load_recipe(data), samples=8, top=2)
+    assert 1 <= len(found.pairs) <= 2 and all(-1.0 <= p.cka <= 1.0 + 1e-6 for p in found.candidates)
+    assert any("untrained" in note for note in found.notes)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check", str(path), "--suggest-taps", "--top", "1"]) == 0
+    assert "tap pairs: relative depth and linear CKA" in capsys.readouterr().out
+
+
+def test_profile_of_a_text_run_goes_through_its_task(tmp_path, capsys):
+    """On 8da6390 `distill profile` of a text-classification run failed: "unknown data set 'sst2'"."""
+    run_recipe(load_recipe(text_classification_recipe(tmp_path)), tmp_path / "run", progress=False)
+    assert main(["profile", str(tmp_path / "run"), "--no-onnx", "--repeats", "2", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "student (bilstm)" in out and "teacher (bilstm)" in out
+
+
+@pytest.mark.fast
+def test_a_recipe_term_and_an_api_term_declare_the_same_fields_and_defaults():
+    """`TermSpec` (recipes) builds `Term` (the API) with `Term(**spec.model_dump())`: the two must not
+    drift apart (a field added to one only, or another default)."""
+    import dataclasses
+
+    from distill.objective import Term
+    from distill.recipes.schema import TermSpec
+
+    api = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+           for f in dataclasses.fields(Term)}
+    recipe = {name: (f.get_default(call_default_factory=True)) for name, f in TermSpec.model_fields.items()}
+    assert list(api) == list(recipe)
+    differing = {k for k in api if api[k] != recipe[k]}
+    assert differing == {"name", "loss"}  # a recipe's name defaults to its loss's; the loss is required
+    assert recipe["name"] is None and api["loss"] is dataclasses.MISSING

@@ -71,6 +71,10 @@ def test_detection_recipe_end_to_end(shared, tmp_path):
         assert result.path.is_file() and result.parity.passed and result.parity.samples == 16  # the test images
         runner = load_exported(fmt, result.path.read_bytes(), run.fresh_student)
         assert runner(images).shape == (4, width)  # heatmap, sizes and offsets side by side
+    from distill.export import run_metadata
+
+    meta = run_metadata(run)  # the task says how its uint8 images are normalised (Task.deploy_metadata)
+    assert meta["task"] == "detection" and meta["normalization"]["applied"].startswith("x / 255")
 
 
 def test_check_run_and_sweep_trial_build_the_same_detection_stage(shared, tmp_path, recorded_stages):

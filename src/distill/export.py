@@ -657,24 +657,7 @@ def run_metadata(run) -> dict[str, Any]:
     seed = _seed_of(run, weights)
     if seed is not None:
         meta["seed"] = seed
-    data = getattr(run.prepared, "data", None)
-    if getattr(data, "num_classes", None) is not None:
-        meta["num_classes"] = int(data.num_classes)
-    mean, std = getattr(data, "mean", None), getattr(data, "std", None)
-    if mean is not None and std is not None:
-        train = getattr(data, "train", None)
-        raw = getattr(train, "images", None)  # a detection set's (its `inputs` refuses, naming the task)
-        if raw is None:
-            raw = getattr(train, "inputs", None)
-        scaled = raw is not None and raw.dtype == torch.uint8
-        meta["normalization"] = {
-            "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-            "applied": ("x / 255 (uint8 pixels to [0, 1]), then " if scaled else "")
-            + "(x - mean) / std per channel (axis 1 of [batch, C, ...])",
-        }
-    names = getattr(data, "class_names", None)
-    if names is not None:
-        meta["class_names"] = [str(n) for n in names]
+    meta.update(run.task.deploy_metadata(run.prepared))
     return meta
 
 

@@ -89,8 +89,24 @@ def serialized_size(model: nn.Module) -> int:
     return len(save(tensors))
 
 
+def _call(model: nn.Module, x: Any) -> Any:
+    """``model(x)``, or ``model(**x)`` for named inputs (``input_ids``, ``attention_mask``)."""
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def _to(x: Any, device) -> Any:
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
+def _repeat(x: Any, b: int) -> Any:
+    """The first sample of ``x`` (a tensor or named tensors) repeated to a batch of ``b``."""
+    if isinstance(x, dict):
+        return {k: v[:1].expand(b, *v.shape[1:]).clone() for k, v in x.items()}
+    return x[:1].expand(b, *x.shape[1:]).clone()
+
+
 @torch.no_grad()
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+def count_macs(model: nn.Module, example: Any) -> int:
     """Multiply-accumulates of ``model(example)`` (all of ``example``'s batch): FLOPs / 2 as counted
     by ``FlopCounterMode`` (matrix products and convolutions only)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -99,7 +115,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter:
-        model(example)
+        _call(model, example)
     model.train(was_training)
     return counter.get_total_flops() // 2
 
@@ -143,20 +159,21 @@ class _LiveTensorBytes:
 
 
 @torch.no_grad()
-def peak_memory(model: nn.Module, example: torch.Tensor) -> int:
+def peak_memory(model: nn.Module, example: Any) -> int:
     """Peak bytes a forward pass of ``example`` needs beyond the weights and the input (see the module)."""
-    if example.device.type == "cuda":
-        torch.cuda.synchronize(example.device)
-        torch.cuda.reset_peak_memory_stats(example.device)
-        before = torch.cuda.memory_allocated(example.device)
-        out = model(example)
-        torch.cuda.synchronize(example.device)
-        peak = torch.cuda.max_memory_allocated(example.device) - before
+    device = next(iter(example.values())).device if isinstance(example, dict) else example.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = _call(model, example)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
         del out
         return int(peak)
     tracker = _LiveTensorBytes()
     with tracker.mode:
-        out = model(example)
+        out = _call(model, example)
     del out
     return int(tracker.peak)
 
@@ -210,10 +227,12 @@ def profile_model(
     device: str = "cpu",
     onnx: bool | None = None,
     seed: int = 0,
-    example: torch.Tensor | None = None,
+    example: Any = None,
 ) -> ModelProfile:
     """Measure ``model`` on random inputs ``[b, *input_shape]`` for ``b`` in ``(1, batch)``
-    (:func:`distill.export.random_inputs`: token ids for a model that starts with an embedding).
+    (:func:`distill.export.random_inputs`: token ids for a model that starts with an embedding), or
+    on ``example`` (a real input: a tensor, or named tensors such as ``input_ids`` and
+    ``attention_mask`` for a model fed by keyword) repeated to each batch size.
 
     ``onnx``: also time ONNX Runtime (``None``: when the ``onnx`` extra is installed; ``True``:
     required). ``threads`` is set with ``torch.set_num_threads`` for the measurement and restored.
@@ -240,21 +259,21 @@ def profile_model(
 
     batches = sorted({1, batch})
     if example is not None:  # a real input of batch 1 (e.g. user ids), repeated to each batch size
-        inputs = {b: example[:1].expand(b, *example.shape[1:]).clone().to(dev) for b in batches}
+        inputs = {b: _to(_repeat(example, b), dev) for b in batches}
     else:
         inputs = {b: random_inputs(model, shape, b, seed).to(dev) for b in batches}
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            model(inputs[1])  # a first call builds lazy state (kernels, caches) outside the measures
+            _call(model, inputs[1])  # a first call builds lazy state (kernels, caches) outside the measures
         macs = count_macs(model, inputs[1])
         memory = {b: peak_memory(model, x) for b, x in inputs.items()}
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
         latency: dict[str, dict[int, Latency]] = {"eager": {}}
         with torch.inference_mode():
             for b, x in inputs.items():
-                latency["eager"][b] = time_calls(lambda x=x: model(x), repeats, warmup, sync)
+                latency["eager"][b] = time_calls(lambda x=x: _call(model, x), repeats, warmup, sync)
         if use_onnx:
             latency["onnxruntime"] = _onnxruntime_latency(model, inputs, threads, dev, repeats, warmup, notes)
     finally:
@@ -269,14 +288,14 @@ def profile_model(
 def _onnxruntime_latency(model, inputs, threads, dev, repeats, warmup, notes) -> dict[int, Latency]:
     from distill.export import onnx_bytes, onnx_session
 
-    data = onnx_bytes(model, inputs[1].cpu())
+    data = onnx_bytes(model, _to(inputs[1], "cpu"))
     session = onnx_session(data, threads=threads, device=str(dev))
     if dev.type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         notes.append("ONNX Runtime timed on CPU: its CUDA provider is not installed (onnxruntime-gpu)")
-    input_name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
     out = {}
     for b, x in inputs.items():
-        feed = {input_name: x.cpu().numpy()}
+        feed = ({n: x[n].cpu().numpy() for n in names} if isinstance(x, dict) else {names[0]: x.cpu().numpy()})
         out[b] = time_calls(lambda feed=feed: session.run(None, feed), repeats, warmup)
     return out
 
@@ -330,12 +349,16 @@ def profile_source(source, roles: Sequence[str] | None = None, **kwargs: Any) ->
     from distill.finished_run import FinishedRun
 
     if isinstance(source, FinishedRun):
-        shape = source.input_shape
         recipe = source.recipe
         pairs = [(f"teacher ({recipe.teacher.model})", source.teacher()),
                  (f"student ({recipe.student.model})", source.student())]
-        example = source.task.latency_input(source.prepared)
-        profiles = [profile_model(m, shape, name=n, example=example, **kwargs) for n, m in pairs]
+        profiles = []
+        for name, model in pairs:  # each model on a real input of its own (its own tokens, for text)
+            example = source.task.profile_input(model, source.prepared)
+            if example is None:
+                raise DistillError(f"task '{source.task.name}' gives no model input to profile its models on")
+            first = next(iter(example.values())) if isinstance(example, dict) else example
+            profiles.append(profile_model(model, tuple(first.shape[1:]), name=name, example=example, **kwargs))
         if getattr(recipe.teacher, "ensemble", None) is not None:
             profiles[0].notes.append("the teacher is an ensemble: only its main model was profiled")
         return profiles

@@ -27,11 +27,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from distill.errors import DistillError
+from distill.signals import Feed, default_feed
 from distill.taps import Taps
 
 
@@ -107,9 +109,10 @@ def candidate_taps(model: nn.Module) -> list[str]:
     return out
 
 
-def relative_depths(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+def relative_depths(model: nn.Module, x: Any, feed: Feed | None = None) -> dict[str, float]:
     """Each module's depth: the rank at which its forward finished among all modules that ran
-    in ``model(x)``, over their number (the last module to finish has depth 1)."""
+    in ``model(x)`` (``feed(model, x)`` for a batch), over their number (the last module to finish
+    has depth 1)."""
     finished: list[str] = []
     handles = [
         module.register_forward_hook(lambda *_a, name=name: finished.append(name))
@@ -117,7 +120,7 @@ def relative_depths(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     ]
     try:
         with torch.no_grad():
-            model(x)
+            feed(model, x) if feed is not None else model(x)
     finally:
         for handle in handles:
             handle.remove()
@@ -136,35 +139,40 @@ def _depth(depths: dict[str, float], tap: str) -> float:
     return depth
 
 
-def _capture(model: nn.Module, taps: Sequence[str], x: torch.Tensor, owner: str) -> dict[str, torch.Tensor]:
+def _capture(model: nn.Module, taps: Sequence[str], batch: Any, feed: Feed, owner: str) -> dict[str, torch.Tensor]:
     with torch.no_grad():
-        captured = Taps(model, taps, owner=owner).run(model, x)
+        captured = Taps(model, taps, owner=owner).run(feed, model, batch)
     logits = captured.pop("logits")
+    size = logits.shape[0]
     # keep batch-first tensors that are not the model's output itself
-    return {k: v for k, v in captured.items() if v.dim() >= 2 and v.shape[0] == x.shape[0] and v is not logits}
+    return {k: v for k, v in captured.items() if v.dim() >= 2 and v.shape[0] == size and v is not logits}
 
 
 def suggest_taps(
     teacher: nn.Module,
     student: nn.Module,
-    inputs: torch.Tensor,
+    inputs: Any,
     *,
+    feed: Feed | None = None,
     teacher_taps: Sequence[str] | None = None,
     student_taps: Sequence[str] | None = None,
     depth_weight: float = 1.0,
     pool: bool = True,
     top: int = 4,
 ) -> TapSuggestions:
-    """Score every (student tap, teacher tap) pair on the batch ``inputs`` and choose up to
-    ``top`` non-crossing pairs (see the module). Both models are run in eval mode."""
+    """Score every (student tap, teacher tap) pair on ``inputs`` and choose up to ``top``
+    non-crossing pairs (see the module). ``inputs`` is a tensor both models take, or, with ``feed``
+    (a task's ``feed(model, batch)``), a batch. Both models are run in eval mode."""
+    if feed is None:
+        inputs, feed = {"input": inputs}, default_feed
     modes = teacher.training, student.training
     teacher.eval(), student.eval()
     try:
         t_taps = list(teacher_taps or candidate_taps(teacher))
         s_taps = list(student_taps or candidate_taps(student))
-        t_feats = _capture(teacher, t_taps, inputs, "teacher")
-        s_feats = _capture(student, s_taps, inputs, "student")
-        t_depth, s_depth = relative_depths(teacher, inputs), relative_depths(student, inputs)
+        t_feats = _capture(teacher, t_taps, inputs, feed, "teacher")
+        s_feats = _capture(student, s_taps, inputs, feed, "student")
+        t_depth, s_depth = relative_depths(teacher, inputs, feed), relative_depths(student, inputs, feed)
     finally:
         teacher.train(modes[0]), student.train(modes[1])
     if not t_feats or not s_feats:
@@ -215,21 +223,18 @@ def _adaptable(student_shape: torch.Size, teacher_shape: torch.Size) -> bool:
 def suggest_for_recipe(
     recipe, data_dir: str | Path | None = None, *, samples: int = 128, top: int = 4, depth_weight: float = 1.0
 ) -> TapSuggestions:
-    """:func:`suggest_taps` for a recipe's teacher and student on ``samples`` test inputs."""
-    from distill.tasks.classification import build_model, prepare_data
+    """:func:`suggest_taps` for a recipe's teacher and student (built by its task) on one batch of
+    ``samples`` training samples, fed to each model by the task (the test split is not read)."""
+    from distill.tasks.base import get_task
 
-    prepared = prepare_data(recipe, data_dir)
+    task = get_task(recipe.task)
+    prepared = task.prepare(recipe, data_dir)
     seed = recipe.seeds[0]
-    teacher = build_model(recipe.teacher, prepared.data, seed)
-    student = build_model(recipe.student, prepared.data, seed)
-    taken, count = [], 0
-    for batch in prepared.test_loader:
-        taken.append(batch["input"][: samples - count])
-        count += len(taken[-1])
-        if count >= samples:
-            break
-    result = suggest_taps(teacher, student, torch.cat(taken), top=top, depth_weight=depth_weight)
-    if recipe.teacher.weights is None:
+    teacher = task.build_model(recipe.teacher, prepared, seed)
+    student = task.build_model(recipe.student, prepared, seed)
+    batch = next(iter(task.train_loader(recipe, prepared, samples, seed)))
+    result = suggest_taps(teacher, student, batch, feed=task.feed, top=top, depth_weight=depth_weight)
+    if recipe.teacher.weights is None and not recipe.teacher.pretrained:
         result.notes.append(
             "the teacher is untrained here (no teacher.weights): CKA reflects its architecture only; "
             "pass --set teacher.weights=runs/NAME/teacher.safetensors for a trained one"

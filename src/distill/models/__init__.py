@@ -14,6 +14,7 @@ import importlib
 import inspect
 import operator
 import os
+import pkgutil
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,8 +22,6 @@ from typing import Any
 from torch import nn
 
 from distill.errors import DistillError, nearest
-from distill.models import cnn, mlp, mobilenetv2, resnet_cifar, shufflenetv2, vgg, wrn  # noqa: F401
-from distill.models import gpt  # noqa: F401  (causal LM: token ids [B, T] -> logits [B, T, V])
 from distill.models.registry import MODELS, ModelFactory
 from distill.models.weights import count_params, load_weights, read_state_dict, save_weights
 
@@ -235,3 +234,14 @@ def _create_user_model(
             call_kwargs[key] = value
     _check_options(f"model '{spec}'", fn, call_kwargs)
     return fn(**call_kwargs)
+
+
+def _register_all() -> None:
+    """Import every module of this package: each zoo module registers its models (``MODELS``; the
+    detection and ranking zoos their own registries) as it is imported, so a new model family is one
+    new file, no list to edit."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_all()

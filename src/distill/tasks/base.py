@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
@@ -163,6 +164,39 @@ class Task:
     def latency_input(self, prepared) -> Any:
         """One sample (batch 1) to time the models on, or ``None`` to skip latency."""
         return None
+
+    def deploy_metadata(self, prepared) -> dict:
+        """What a deployer needs to feed an exported student and read its output, from the data
+        (written into the export's metadata): ``num_classes``, ``normalization`` (mean, std and how
+        they are applied) and ``class_names``, each where the data has it. By default read from a
+        :class:`distill.data.DataSplits` ``prepared.data``; :meth:`raw_training_inputs` tells
+        whether its pixels are uint8."""
+        data = getattr(prepared, "data", None)
+        meta: dict[str, Any] = {}
+        if getattr(data, "num_classes", None) is not None:
+            meta["num_classes"] = int(data.num_classes)
+        mean, std = getattr(data, "mean", None), getattr(data, "std", None)
+        if mean is not None and std is not None:
+            raw = self.raw_training_inputs(prepared)
+            scaled = raw is not None and raw.dtype == torch.uint8
+            meta["normalization"] = {
+                "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+                "applied": ("x / 255 (uint8 pixels to [0, 1]), then " if scaled else "")
+                + "(x - mean) / std per channel (axis 1 of [batch, C, ...])",
+            }
+        names = getattr(data, "class_names", None)
+        if names is not None:
+            meta["class_names"] = [str(n) for n in names]
+        return meta
+
+    def raw_training_inputs(self, prepared) -> torch.Tensor | None:
+        """The training inputs as stored (before normalisation), or ``None``."""
+        return getattr(getattr(getattr(prepared, "data", None), "train", None), "inputs", None)
+
+    def profile_input(self, model: nn.Module, prepared) -> Any:
+        """One real input (batch 1) for ``model`` as its forward takes it (a tensor, or named tensors
+        for a model fed by keyword), for ``distill profile``; by default :meth:`latency_input`."""
+        return self.latency_input(prepared)
 
     def example_inputs(self, prepared, n: int) -> Any:
         """``n`` real model inputs ``[n, ...]`` to check an export on (one tensor, or a dict of named

@@ -377,6 +377,10 @@ class DetectionTask(Task):
         loader = prepared.test_loader if split == "test" else prepared.val_loader
         return detection_metrics(model, loader, prepared.data.num_classes)
 
+    def raw_training_inputs(self, prepared: PreparedDetection):
+        """The training images as stored (a detection set's ``inputs`` refuses, naming the task)."""
+        return prepared.data.train.images
+
     def latency_input(self, prepared: PreparedDetection):
         return next(iter(prepared.test_loader))["input"][:1]
 

@@ -431,6 +431,14 @@ class TextClassificationTask(Task):
         batch = prepared.loader("test", max(count, 1), shuffle=False).collate(torch.arange(count))
         return self._student_inputs(prepared, batch)
 
+    def profile_input(self, model: nn.Module, prepared: PreparedText) -> dict[str, torch.Tensor]:
+        """The first test sentence in ``model``'s own tokenisation (teacher and student may differ)."""
+        from distill.nlp.feed import TextFeed
+
+        batch = prepared.loader("test", 1, shuffle=False).collate(torch.tensor([0]))
+        inputs = TextFeed(getattr(model, "text_side", None)).inputs(batch)
+        return {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
+
     def labelled_test_batches(self, prepared: PreparedText):
         return ({"input": self._student_inputs(prepared, b), "target": b["target"]} for b in prepared.test_loader)
 
