@@ -305,3 +305,16 @@ def test_a_fresh_accelerator_state_copies_the_process_type_until_prepare_state_p
     finally:
         PartialState._shared_state["distributed_type"] = own
         reset_precision_state()
+
+
+def test_accelerate_still_prepares_fsdp2_through_the_method_fsdp_on_cpu_relies_on():
+    """distill.accelerate_compat.fsdp_on_cpu switches a gloo process group to FSDP and lets
+    accelerate's own FSDP2 preparation run: that preparation must still be the private
+    ``Accelerator._prepare_fsdp2`` that ``prepare`` calls for FSDP2 (checked here in one process;
+    tests/test_fsdp.py runs it on two)."""
+    import inspect
+
+    from accelerate import Accelerator
+
+    assert callable(getattr(Accelerator, "_prepare_fsdp2", None))
+    assert "_prepare_fsdp2" in inspect.getsource(Accelerator.prepare)
