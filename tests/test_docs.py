@@ -446,6 +446,13 @@ FIGURES: list[Fig] = [
         (J("fused.summary.vocab 50257, 1024 tokens.peak_mem_ratio"), J("fused.summary.vocab 151936, 1024 tokens.peak_mem_ratio"), J("fused.summary.vocab 50257, 4096 tokens.peak_mem_ratio"), J("fused.summary.vocab 50257, 1024 tokens.time_ratio"), J("fused.summary.vocab 151936, 1024 tokens.time_ratio"),
          J("fused.summary.vocab 50257, 1024 tokens.peak_mem_ratio_vs_trl"), J("fused.summary.vocab 151936, 1024 tokens.peak_mem_ratio_vs_trl"), J("fused.summary.vocab 50257, 1024 tokens.time_ratio_vs_trl"),
          J("fused.summary.vocab 151936, 1024 tokens.time_ratio_vs_trl"))),
+    Fig("docs/language-models.md", "lm_scale.json",
+        "`fused_head` takes {}× the peak memory ({} MiB against {} MiB) and {}× the time; from the top-64 cache, {}× "
+        "the memory ({} MiB against {} MiB) and {}× the time.",
+        (J("fused_recipe.summary.live.peak_mem_ratio"), J("fused_recipe.rows[1].peak memory MiB"),
+         J("fused_recipe.rows[0].peak memory MiB"), J("fused_recipe.summary.live.time_ratio"),
+         J("fused_recipe.summary.cached.peak_mem_ratio"), J("fused_recipe.rows[3].peak memory MiB"),
+         J("fused_recipe.rows[2].peak memory MiB"), J("fused_recipe.summary.cached.time_ratio"))),
     Fig("docs/language-models.md", "trl_parity.json", "[trl_parity.json](../benchmarks/results/trl_parity.json), {} s, 1 thread,",
         (J("wall_seconds"),)),
     Fig("docs/language-models.md", "trl_parity.json", "- Over {} settings (β 0 to 1, T 0.5 to 2, padding and prompt masks), the "
