@@ -318,3 +318,37 @@ def test_accelerate_still_prepares_fsdp2_through_the_method_fsdp_on_cpu_relies_o
 
     assert callable(getattr(Accelerator, "_prepare_fsdp2", None))
     assert "_prepare_fsdp2" in inspect.getsource(Accelerator.prepare)
+
+
+class ImageLoader(TinyLoader):
+    """TinyLoader's samples as 2 x 6 x 6 images (one channel would be NHWC and NCHW at once)."""
+
+    def __init__(self):
+        super().__init__(n=64, batch=16)
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(64, 2, 6, 6, generator=g)
+        self.y = (self.x.mean((1, 2, 3)) > 0).long()
+
+
+def conv_pair():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(2, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 2))
+    student = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 2 * 2, 2))
+    return Distiller(student, teacher, [Term("hard", "ce", 0.5), Term("soft", "kd", 0.5)])
+
+
+def test_channels_last_trains_the_same_model_on_nhwc_batches_and_hands_it_back_contiguous(tmp_path):
+    seen = []
+    results = {}
+    for channels_last in (False, True):
+        d = conv_pair()
+        hook = d.student[0].register_forward_pre_hook(
+            lambda _m, args: seen.append((channels_last, args[0].is_contiguous(memory_format=torch.channels_last))))
+        cfg = TrainConfig(**{**CFG, "optimizer": "adam", "lr": 0.01, "channels_last": channels_last})
+        Trainer(d, ImageLoader(), cfg, run_dir=tmp_path / str(channels_last)).fit()
+        hook.remove()
+        results[channels_last] = {k: v.clone() for k, v in d.student.state_dict().items()}
+        assert all(v.is_contiguous() for v in d.student.state_dict().values())  # handed back as it came
+    assert {flag for cl, flag in seen if cl} == {True} and {flag for cl, flag in seen if not cl} == {False}
+    for key, value in results[False].items():  # the same training, up to float summation order
+        torch.testing.assert_close(results[True][key], value, rtol=1e-4, atol=1e-5)

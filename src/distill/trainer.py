@@ -240,6 +240,8 @@ class Trainer:
             run.callbacks.on_fit_end(run)
             if run.unsharding is not None and run.error is None:
                 run.unwrapped = run.unsharding.restore()  # the model back as it came: whole, plain
+            if self.config.channels_last:
+                run.unwrapped.to(memory_format=torch.contiguous_format)  # back as it came
         self.history, self.stopped_early, self.model = run.history, run.should_stop, run.unwrapped
         return self.history
 
@@ -252,6 +254,10 @@ class Trainer:
             plugin = accelerator.state.fsdp_plugin
             shard(self.model, reshard_after_forward=plugin.reshard_after_forward,
                   mp_policy=plugin.mixed_precision_policy, offload_policy=plugin.cpu_offload)
+        if self.config.channels_last:
+            if unsharding is not None:
+                raise DistillError("train.channels_last is not available with train.sharding: fsdp")
+            self.model.to(memory_format=torch.channels_last)  # 4-D weights only; in place, before the optimizer
         optimizer = make_optimizer(self.model.parameters(), self.config)
         model, optimizer = accelerator.prepare(self.model, optimizer)
         if accelerator.device.type == "cpu":
@@ -343,6 +349,10 @@ class _Step:
         if self.set_progress is not None:
             self.set_progress(epoch + step / steps)
         batch = move_batch(batch, accelerator.device)
+        if cfg.channels_last:
+            batch = {k: v.contiguous(memory_format=torch.channels_last)
+                     if isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point() else v
+                     for k, v in batch.items()}
         if self.trainer.batch_transform is not None:
             gen = torch.Generator().manual_seed(_seed_for(cfg.seed, epoch, step, 5))
             batch = self.trainer.batch_transform(batch, gen)
