@@ -75,12 +75,14 @@ ROWS: dict[str, dict] = {
                      "path": "cifar10-jpg/cifar10-jpg.tar.gz",
                      "data": {"name": "cifar10", "augment": {"crop_padding": 4, "flip": True}},
                      "student": {"model": "cnn", "kwargs": {"width": 8, "depth": 3}},
-                     "train": {"epochs": 20, "optimizer": "adam", "lr": 0.002, "batch_size": 128}},
+                     "train": {"epochs": 20, "optimizer": "adam", "lr": 0.002, "batch_size": 128,
+                               "channels_last": True}},  # 1.48x an epoch here (benchmarks/channels_last.py)
     "cifar10-cnn4": {"dataset": "cifar10", "regime": "same-data", "teacher": "cifar10-cnn16",
                      "path": "cifar10-jpg/cifar10-jpg.tar.gz",
                      "data": {"name": "cifar10", "augment": {"crop_padding": 4, "flip": True}},
                      "student": {"model": "cnn", "kwargs": {"width": 4, "depth": 3}},
-                     "train": {"epochs": 20, "optimizer": "adam", "lr": 0.002, "batch_size": 128}},
+                     "train": {"epochs": 20, "optimizer": "adam", "lr": 0.002, "batch_size": 128,
+                               "channels_last": True}},
 }
 
 
