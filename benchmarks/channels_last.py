@@ -3,7 +3,7 @@
     python benchmarks/channels_last.py [--repeats 5] [--samples 3000] [--threads 1] [--data-dir ../shared/data]
 
 For the CNN pairs of ``benchmarks/wins.py`` (Fashion-MNIST: teacher cnn width 16, students width 8
-and 4; CIFAR-10: teacher width 16, student width 8, and the width-16 teacher's own training) it times
+and 4; CIFAR-10: teacher width 16, students width 8 and 4, and the width-16 teacher's own training) it times
 one epoch of ``Trainer`` + ``Distiller`` with the live teacher (CE 0.1 + KD 0.9, Adam, batch 128) on
 ``--samples`` training images, the two memory formats interleaved (the order swapped every repeat),
 and reports the median epoch time of each and their ratio. It also checks that the two train the
@@ -34,6 +34,7 @@ CASES = {  # name: (data set, its path under the data folder, teacher width or N
     "fashion cnn16 -> cnn8": ("fashion-mnist", "fashion-mnist", 16, 8),
     "fashion cnn16 -> cnn4": ("fashion-mnist", "fashion-mnist", 16, 4),
     "cifar10 cnn16 -> cnn8": ("cifar10", "cifar10-jpg/cifar10-jpg.tar.gz", 16, 8),
+    "cifar10 cnn16 -> cnn4": ("cifar10", "cifar10-jpg/cifar10-jpg.tar.gz", 16, 4),
     "cifar10 cnn16 alone (a teacher's training)": ("cifar10", "cifar10-jpg/cifar10-jpg.tar.gz", None, 16),
 }
 

@@ -323,8 +323,8 @@ def test_accelerate_still_prepares_fsdp2_through_the_method_fsdp_on_cpu_relies_o
 class ImageLoader(TinyLoader):
     """TinyLoader's samples as 2 x 6 x 6 images (one channel would be NHWC and NCHW at once)."""
 
-    def __init__(self):
-        super().__init__(n=64, batch=16)
+    def __init__(self, crash_at_epoch=None):
+        super().__init__(n=64, batch=16, crash_at_epoch=crash_at_epoch)
         g = torch.Generator().manual_seed(1)
         self.x = torch.randn(64, 2, 6, 6, generator=g)
         self.y = (self.x.mean((1, 2, 3)) > 0).long()
@@ -352,3 +352,33 @@ def test_channels_last_trains_the_same_model_on_nhwc_batches_and_hands_it_back_c
     assert {flag for cl, flag in seen if cl} == {True} and {flag for cl, flag in seen if not cl} == {False}
     for key, value in results[False].items():  # the same training, up to float summation order
         torch.testing.assert_close(results[True][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_is_refused_with_fsdp_and_a_fit_that_cannot_start_leaves_the_model_contiguous():
+    with pytest.raises(ValueError, match="channels_last is not available with sharding: fsdp"):
+        TrainConfig(channels_last=True, sharding="fsdp")
+    d = conv_pair()
+
+    class Empty(ImageLoader):
+        def __len__(self):
+            return 0
+
+    with pytest.raises(DistillError, match="yields no batch"):
+        Trainer(d, Empty(), TrainConfig(**{**CFG, "channels_last": True})).fit()
+    assert all(p.is_contiguous() for p in d.student.parameters())
+
+
+def test_channels_last_resumes_after_a_crash_to_the_uninterrupted_weights(tmp_path):
+    """A checkpoint written in channels-last loads back into the channels-last weights, and a
+    resumed fit ends where the uninterrupted one does."""
+    cfg = TrainConfig(**{**CFG, "optimizer": "adam", "lr": 0.01, "epochs": 4, "channels_last": True})
+    whole = conv_pair()
+    Trainer(whole, ImageLoader(), cfg, run_dir=tmp_path / "whole").fit()
+    crashed = conv_pair()
+    with pytest.raises(Crash):
+        Trainer(crashed, ImageLoader(crash_at_epoch=2), cfg, run_dir=tmp_path / "cut").fit()
+    assert all(p.is_contiguous() for p in crashed.student.parameters())  # handed back even on a crash
+    resumed = conv_pair()
+    Trainer(resumed, ImageLoader(), cfg, run_dir=tmp_path / "cut").fit(resume=True)
+    for key, value in whole.student.state_dict().items():
+        torch.testing.assert_close(resumed.student.state_dict()[key], value, rtol=0, atol=0)

@@ -421,7 +421,7 @@ def verdict(results: RunResult | dict[str, Any]) -> str:
 def schedule_difference(recipe: Recipe) -> str:
     """How the distilled stage's schedule differs from the baseline's (``""`` when it does not): the
     recipe may ask for that (a stage's own ``train:``), and then the report says so."""
-    ignored = {"checkpoint_every", "tensorboard", "progress", "seed"}
+    ignored = {"checkpoint_every", "tensorboard", "progress", "seed", "channels_last"}  # not what is learned
     base = stage_schedule(recipe, recipe.baseline).model_dump()
     dist = stage_schedule(recipe, recipe.distill).model_dump()
     return ", ".join(f"{k} {dist[k]} vs {base[k]}" for k in base if k not in ignored and base[k] != dist[k])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -52,10 +52,18 @@ class TrainConfig(BaseModel):
         False,
         description="train image models in the channels-last memory format (4-D batches and conv weights "
         "NHWC): the same model, often faster convolutions (benchmarks/channels_last.py: 1.26-1.48x an epoch "
-        "of the CIFAR-10 CNNs on this project's CPU, none for a width-4 one); the model comes back contiguous",
+        "of the CIFAR-10 CNNs on this project's CPU, none for a width-4 one). The student's 4-D weights are in "
+        "that format during the fit and contiguous after it (a teacher the trainer does not own keeps its own); "
+        "not with sharding: fsdp",
     )
     seed: int = Field(0, ge=0, description="set by distill run for each of the recipe's seeds")
     progress: bool = Field(True, description="set by distill run (--quiet turns it off)")
+
+    @model_validator(mode="after")
+    def _formats(self) -> "TrainConfig":
+        if self.channels_last and self.sharding == "fsdp":
+            raise ValueError("channels_last is not available with sharding: fsdp (FSDP shards the weights as they are)")
+        return self
 
     def monitored(self, default: str = "val_accuracy") -> str:
         """The metric early stopping follows: ``monitor``, else ``default``."""

@@ -127,6 +127,15 @@ def make_accelerator(config: TrainConfig):
     return accelerator
 
 
+def memory_format(model: nn.Module, fmt: torch.memory_format) -> None:
+    """Put ``model``'s 4-D parameters and buffers (conv weights) in ``fmt``, in place (``train.channels_last``:
+    ``torch.channels_last`` for the fit, ``torch.contiguous_format`` after it; other ranks are left as they are)."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.dim() == 4:
+                tensor.data = tensor.data.contiguous(memory_format=fmt)
+
+
 def _seed_for(*parts: int) -> int:
     value = 0x9E3779B9
     for part in parts:
@@ -221,7 +230,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict[str, float]]:
         """Train for ``config.epochs`` epochs (continuing from the last checkpoint if ``resume``)."""
-        run = self._start(resume)
+        try:
+            run = self._start(resume)
+        except BaseException:
+            if self.config.channels_last:  # a fit that could not start leaves the model as it came
+                memory_format(self.model, torch.contiguous_format)
+            raise
         try:
             run.callbacks.on_fit_start(run)  # a resumed fit: state restored, start_epoch set
             if run.start_epoch == 0:  # dropout and other in-model randomness; restored on resume
@@ -241,7 +255,7 @@ class Trainer:
             if run.unsharding is not None and run.error is None:
                 run.unwrapped = run.unsharding.restore()  # the model back as it came: whole, plain
             if self.config.channels_last:
-                run.unwrapped.to(memory_format=torch.contiguous_format)  # back as it came
+                memory_format(run.unwrapped, torch.contiguous_format)
         self.history, self.stopped_early, self.model = run.history, run.should_stop, run.unwrapped
         return self.history
 
@@ -255,9 +269,7 @@ class Trainer:
             shard(self.model, reshard_after_forward=plugin.reshard_after_forward,
                   mp_policy=plugin.mixed_precision_policy, offload_policy=plugin.cpu_offload)
         if self.config.channels_last:
-            if unsharding is not None:
-                raise DistillError("train.channels_last is not available with train.sharding: fsdp")
-            self.model.to(memory_format=torch.channels_last)  # 4-D weights only; in place, before the optimizer
+            memory_format(self.model, torch.channels_last)  # in place, before the optimizer
         optimizer = make_optimizer(self.model.parameters(), self.config)
         model, optimizer = accelerator.prepare(self.model, optimizer)
         if accelerator.device.type == "cpu":

@@ -38,17 +38,29 @@ class DataOptions(BaseModel):
 def options_model(name: str, fn: Callable) -> type[DataOptions]:
     """The :class:`DataOptions` of builder ``fn``: one field per keyword-only parameter, with its
     annotation (``Any`` where it has none) and default (required where it has none)."""
-    try:
-        hints = typing.get_type_hints(fn)
-    except (NameError, TypeError):  # an annotation that does not resolve: check names only
-        hints = {}
     fields: dict[str, Any] = {}
     for p in inspect.signature(fn).parameters.values():
         if p.kind is inspect.Parameter.KEYWORD_ONLY:
             default = ... if p.default is inspect.Parameter.empty else p.default
-            fields[p.name] = (hints.get(p.name, Any), default)
+            fields[p.name] = (_annotation(fn, p), default)
     title = "".join(part.capitalize() for part in name.replace("_", "-").split("-")) + "Options"
     return create_model(title, __base__=DataOptions, **fields)
+
+
+def _annotation(fn: Callable, param: inspect.Parameter) -> Any:
+    """``param``'s annotation resolved in ``fn``'s module (each on its own: one name that does not
+    resolve, such as the return type's, leaves the others typed); ``Any`` when it has none or it
+    does not resolve."""
+    annotation = param.annotation
+    if annotation is inspect.Parameter.empty:
+        return Any
+    def holder() -> None: ...
+
+    holder.__annotations__ = {param.name: annotation}
+    try:
+        return typing.get_type_hints(holder, globalns=fn.__globals__)[param.name]
+    except (NameError, TypeError, SyntaxError):  # a name that does not resolve here: the option stays untyped
+        return Any
 
 
 def parse_data_options(name: str, model: type[DataOptions], given: dict | None) -> dict:
@@ -76,7 +88,8 @@ def parse_data_options(name: str, model: type[DataOptions], given: dict | None) 
         raise DistillError(
             f"data.options.{field}: {message[:1].lower() + message[1:]} (data set '{name}'), got {given.get(field)!r}"
         ) from None
-    return {key: getattr(parsed, key) for key in given}
+    values = dict(parsed)  # fields and extras by name (getattr would return a method for `copy`, `json`, ...)
+    return {key: values[key] for key in given}
 
 
 def register_builder(name: str) -> Callable:

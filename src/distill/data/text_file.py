@@ -14,7 +14,7 @@ from distill.errors import DistillError
 def text_file(
     data_dir,
     *,
-    path: str,
+    path: str | Path,
     block_size: int = 64,
     stride: int | None = None,
     val_fraction: float = 0.1,
