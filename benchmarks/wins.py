@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             extra_dir = run_dir / "alone-same-steps"
             again = extra_dir.exists() and any(extra_dir.iterdir())
             same_steps = distill.run_recipe(extra, extra_dir, data_dir=args.data_dir, resume=again, overwrite=not again,
-                                            progress=False)
+                                            progress=False).to_json()  # a dict, to carry the epochs beside it
             same_steps["epochs"] = extra.train.epochs
         row = summarise(row_id, results, run_dir, args.threads, same_steps)
         kept = [r for r in kept if r["row"] != row_id] + [row]
