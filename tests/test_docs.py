@@ -453,6 +453,14 @@ FIGURES: list[Fig] = [
          J("fused_recipe.rows[0].peak memory MiB"), J("fused_recipe.summary.live.time_ratio"),
          J("fused_recipe.summary.cached.peak_mem_ratio"), J("fused_recipe.rows[3].peak memory MiB"),
          J("fused_recipe.rows[2].peak memory MiB"), J("fused_recipe.summary.cached.time_ratio"))),
+    Fig("README.md", "schedule_curve.json",
+        "the stronger student alone is {} points at 15 epochs, +{} at 30, +{} at 60 and +{} at 120 (gap closed {}), while the "
+        "student alone, even given the same steps, gains {} points from 60 to 120.",
+        (J("rows.mnist1d-cnn32.points[0].gain_points"), J("rows.mnist1d-cnn32.points[1].gain_points"),
+         J("rows.mnist1d-cnn32.points[2].gain_points"), J("rows.mnist1d-cnn32.points[3].gain_points"),
+         J("rows.mnist1d-cnn32.points[3].gap_closed"),
+         F(lambda d: d["rows"]["mnist1d-cnn32"]["points"][3]["alone_same_steps"]["mean"]
+           - d["rows"]["mnist1d-cnn32"]["points"][2]["alone_same_steps"]["mean"], "alone (same steps) 120 - 60"))),
     Fig("docs/recipes.md", "channels_last.json",
         "an epoch of the CIFAR-10 width-8 student {}× faster, the width-16 teacher's {}×, but the Fashion-MNIST width-4 student's {}×",
         tuple(F(lambda d, case=case: next(r["speedup"] for r in d["rows"] if r["case"] == case), f"speed-up of {case}")
