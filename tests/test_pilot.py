@@ -107,3 +107,14 @@ def test_cli_pilot_flag_adds_the_pilot_section(random_teacher, tmp_path):
                  "--set", "pilot.min_val_samples=100"]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["pilot"]["epochs"] == 1 and len(results["pilot"]["trials"]) == 6
+
+
+def test_a_pilot_that_found_nothing_says_when_its_trials_were_shorter_than_the_run():
+    from distill.pilot import PilotResult, PilotTrial
+
+    result = PilotResult(metric="accuracy", epochs=3, budget_epochs=21, run_epochs=90, train_samples=100,
+                         val_samples=200, alone=0.9, trials=[PilotTrial("T 1", {}, 0.85)], stage_epochs=15)
+    text = result.summary()
+    assert "no setting beat the student alone" in text and "ran 3 of the run's 15 epochs" in text
+    result.stage_epochs = 3
+    assert "ran 3 of" not in result.summary()
