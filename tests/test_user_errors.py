@@ -210,9 +210,9 @@ def test_headerless_tsv_error_is_short(tmp_path):
 
 
 @pytest.mark.parametrize("options, expected", [
-    ({"test_fraction": "a fifth"}, r"data\.options\.test_fraction: input should be a valid number.*data set 'digits'.*'a fifth'"),
+    ({"test_fraction": "a fifth"}, r"data\.options\.test_fraction \(data set 'digits'\): input should be a valid number.*\(given: 'a fifth'\)"),
     ({"test_fraction": 0.2, "sed": 1}, r"data set 'digits' has no option 'sed'; accepted options: test_fraction, seed"),
-    ({"seed": 1.5}, r"data\.options\.seed: input should be a valid integer"),
+    ({"seed": 1.5}, r"data\.options\.seed \(data set 'digits'\): input should be a valid integer"),
 ])
 def test_a_wrong_data_option_is_refused_at_load_before_any_work(tmp_path, capsys, options, expected):
     data = {**RECIPE, "data": {**RECIPE["data"], "options": options}}
@@ -240,11 +240,11 @@ def test_the_text_tasks_own_data_sets_are_typed_too(tmp_path):
             "distill": {"terms": [{"loss": "kd"}]}}
     with pytest.raises(DistillError, match="data set 'tsv' needs the option train"):
         load_recipe({**base, "data": {"name": "tsv", "options": {"test": "t.tsv"}}})
-    with pytest.raises(DistillError, match=r"data\.options\.num_classes: input should be greater than or equal to 2"):
+    with pytest.raises(DistillError, match=r"data\.options\.num_classes \(data set 'tsv'\): input should be greater than or equal to 2"):
         load_recipe({**base, "data": {"name": "tsv", "options": {"train": "a", "test": "b", "num_classes": 1}}})
     with pytest.raises(DistillError, match="data set 'sst2' has no option 'paht'; accepted options: path, verify"):
         load_recipe({**base, "data": {"name": "sst2", "options": {"paht": "x"}}})
-    with pytest.raises(DistillError, match=r"data\.options\.verify: input should be a valid boolean"):
+    with pytest.raises(DistillError, match=r"data\.options\.verify \(data set 'sst2'\): input should be a valid boolean"):
         load_recipe({**base, "data": {"name": "sst2", "options": {"verify": "perhaps"}}})
 
 
@@ -260,7 +260,7 @@ def test_every_built_in_data_set_types_all_its_options(tmp_path):
     untyped = {n: [k for k, f in DATASETS.get(n).Options.model_fields.items() if f.annotation is typing.Any]
                for n in DATASETS.names()}
     assert not any(untyped.values()), untyped
-    with pytest.raises(DistillError, match=r"data\.options\.verify: input should be a valid boolean.*'maybe'"):
+    with pytest.raises(DistillError, match=r"data\.options\.verify \(data set 'stsb'\): input should be a valid boolean.*'maybe'"):
         parse_data_options("stsb", DATASETS.get("stsb").Options, {"verify": "maybe"})
     assert parse_data_options("stsb", DATASETS.get("stsb").Options, {"verify": "no"}) == {"verify": False}
     text = tmp_path / "t.txt"

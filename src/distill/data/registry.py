@@ -86,7 +86,7 @@ def parse_data_options(name: str, model: type[DataOptions], given: dict | None) 
         field = str(first["loc"][0])
         message = first["msg"].removeprefix("Value error, ")
         raise DistillError(
-            f"data.options.{field}: {message[:1].lower() + message[1:]} (data set '{name}'), got {given.get(field)!r}"
+            f"data.options.{field} (data set '{name}'): {message[:1].lower() + message[1:]} (given: {given.get(field)!r})"
         ) from None
     values = dict(parsed)  # fields and extras by name (getattr would return a method for `copy`, `json`, ...)
     return {key: values[key] for key in given}
